@@ -1,0 +1,386 @@
+//! Renders the Envoy bootstrap for a gateway configuration, so Envoy and the
+//! processor can never disagree: adding a backend is one edit of the gateway
+//! config, and `ai-gateway-extproc envoy-config` re-renders Envoy's side.
+//!
+//! What the bootstrap does, and why:
+//! - one listener whose buffer limit is the gateway's body limit: in
+//!   BUFFERED mode Envoy holds the whole request body, and answers 413 past
+//!   the limit;
+//! - the ext_proc filter, failing closed (`failure_mode_allow: false`): if
+//!   the processor is down, requests get a 500 and nothing reaches a
+//!   provider unrouted or without its key;
+//! - one route per backend, matching the routing header the processor sets
+//!   (and re-matched thanks to `clear_route_cache`), with the backend's Host;
+//!   a last route answers 404 for anything the processor did not route;
+//! - local reply mappers, so Envoy's own errors are OpenAI-shaped JSON too;
+//! - one cluster per backend (TLS with SNI, the system CA bundle and a
+//!   name check for `https`)
+//!   and one for the processor (HTTP/2, TCP or Unix socket).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr};
+use crate::extproc::BACKEND_HEADER;
+use crate::openai::error::{error_json, too_large_message};
+
+/// The Envoy cluster of the processor.
+pub const EXTPROC_CLUSTER: &str = "ai-gateway-extproc";
+
+/// Why a configuration cannot be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
+    #[error("cannot serialize the bootstrap: {0}")]
+    Serialize(#[from] serde_yaml_ng::Error),
+}
+
+/// The bootstrap YAML for `config`.
+pub fn render(config: &Config) -> Result<String, RenderError> {
+    let mut clusters = vec![extproc_cluster(config)];
+    let mut routes = Vec::new();
+    for backend in &config.backends {
+        let url = BackendUrl::parse(&backend.url).map_err(|message| RenderError::Backend {
+            backend: backend.name.clone(),
+            message,
+        })?;
+        clusters.push(backend_cluster(backend, &url));
+        routes.push(backend_route(backend, &url));
+    }
+    routes.push(json!({
+        "name": "unrouted",
+        "match": {"prefix": "/"},
+        "direct_response": {
+            "status": 404,
+            "body": {"inline_string": String::from_utf8_lossy(&error_json(
+                "The gateway did not route this request.",
+                "invalid_request_error",
+                "unrouted",
+            ))},
+        },
+    }));
+
+    let mut bootstrap = json!({
+        "node": {"id": "ai-gateway", "cluster": "ai-gateway"},
+        "static_resources": {
+            "listeners": [listener(config, routes)],
+            "clusters": clusters,
+        },
+    });
+    if let Some(admin) = config.envoy.admin_listen {
+        bootstrap["admin"] = json!({"address": socket_address(admin)});
+    }
+    let yaml = serde_yaml_ng::to_string(&bootstrap)?;
+    Ok(format!(
+        "# Envoy bootstrap for ai-gateway-extproc, rendered by `ai-gateway-extproc envoy-config`.\n\
+         # Do not edit: change the gateway config and render again.\n{yaml}"
+    ))
+}
+
+fn listener(config: &Config, routes: Vec<Value>) -> Value {
+    let limit = config.limits.max_request_body_bytes;
+    json!({
+        "name": "ai-gateway",
+        "address": socket_address(config.envoy.listen),
+        "per_connection_buffer_limit_bytes": limit,
+        "filter_chains": [{
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "ai_gateway",
+                    "codec_type": "AUTO",
+                    // The processor sees the path Envoy routes on: normalized.
+                    "normalize_path": true,
+                    "merge_slashes": true,
+                    "access_log": [access_log()],
+                    "local_reply_config": local_replies(config),
+                    "route_config": {
+                        "name": "ai-gateway",
+                        "virtual_hosts": [{
+                            "name": "ai-gateway",
+                            "domains": ["*"],
+                            "routes": routes,
+                        }],
+                    },
+                    "http_filters": [ext_proc_filter(config), {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                        },
+                    }],
+                },
+            }],
+        }],
+    })
+}
+
+fn ext_proc_filter(config: &Config) -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "failure_mode_allow": false,
+            "message_timeout": duration(config.extproc.message_timeout),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "allow_mode_override": true,
+        },
+    })
+}
+
+/// Envoy's own error answers, made OpenAI-shaped. The processor's immediate
+/// responses are local replies too, so each mapper either gives the same
+/// body the processor would (413) or matches only what the processor never
+/// sends (500, upstream failure flags).
+fn local_replies(config: &Config) -> Value {
+    let limit = usize::try_from(config.limits.max_request_body_bytes).unwrap_or(usize::MAX);
+    json!({
+        "mappers": [
+            status_mapper(413, &too_large_message(limit), "invalid_request_error", "request_too_large"),
+            status_mapper(
+                500,
+                "The AI gateway could not process this request (its external processor failed or is unreachable).",
+                "server_error",
+                "gateway_processor_failure",
+            ),
+            {
+                // Connection failures, timeouts and resets on the way to a
+                // provider; the processor's own replies carry no such flag.
+                "filter": {"response_flag_filter": {"flags": ["UF", "UH", "UO", "URX", "UC", "UT", "UR", "DC"]}},
+                "body_format_override": {"json_format": {"error": {
+                    "message": "The backend could not be reached or did not answer in time: %LOCAL_REPLY_BODY%",
+                    "type": "server_error",
+                    "code": "upstream_unavailable",
+                }}},
+            },
+        ],
+    })
+}
+
+fn status_mapper(status: u16, message: &str, kind: &str, code: &str) -> Value {
+    json!({
+        "filter": {"status_code_filter": {"comparison": {
+            "op": "EQ",
+            "value": {"default_value": status, "runtime_key": format!("ai_gateway.local_reply.{status}")},
+        }}},
+        "body_format_override": {"json_format": {"error": {
+            "message": message,
+            "type": kind,
+            "code": code,
+        }}},
+    })
+}
+
+fn access_log() -> Value {
+    json!({
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": {
+                "start_time": "%START_TIME%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+                "method": "%REQ(:METHOD)%",
+                "path": "%REQ(:PATH)%",
+                "model": "%REQ(X-AI-EG-MODEL)%",
+                "backend": "%REQ(X-AI-EG-BACKEND)%",
+                "status": "%RESPONSE_CODE%",
+                "details": "%RESPONSE_CODE_DETAILS%",
+                "flags": "%RESPONSE_FLAGS%",
+                "upstream_host": "%UPSTREAM_HOST%",
+                "bytes_received": "%BYTES_RECEIVED%",
+                "bytes_sent": "%BYTES_SENT%",
+                "duration_ms": "%DURATION%",
+                "user_agent": "%REQ(USER-AGENT)%",
+            }},
+        },
+    })
+}
+
+fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
+    let mut route = json!({
+        "cluster": backend.name,
+        "host_rewrite_literal": url.authority(),
+        "timeout": duration(backend.request_timeout),
+        "idle_timeout": duration(backend.idle_timeout),
+    });
+    if !url.path_prefix.is_empty() {
+        route["prefix_rewrite"] = json!(format!("{}/", url.path_prefix));
+    }
+    json!({
+        "name": format!("backend-{}", backend.name),
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": backend.name}}],
+        },
+        "route": route,
+    })
+}
+
+fn backend_cluster(backend: &BackendConfig, url: &BackendUrl) -> Value {
+    let ip = url.host.parse::<IpAddr>().ok();
+    let mut cluster = json!({
+        "name": backend.name,
+        // A provider's API host resolves to many changing addresses: Envoy
+        // should use what DNS says at connect time, not balance over all.
+        "type": if ip.is_some() { "STATIC" } else { "LOGICAL_DNS" },
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": duration(backend.connect_timeout),
+        "load_assignment": {
+            "cluster_name": backend.name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": url.host,
+                "port_value": url.port,
+            }}}}]}],
+        },
+        "typed_extension_protocol_options": http_protocol_options(json!({"http_protocol_options": {}})),
+    });
+    if url.tls {
+        // Envoy refuses to check names without an explicit trust store, so
+        // the CA bundle is named as a file rather than `system_root_certs`.
+        let mut validation =
+            json!({"trusted_ca": {"filename": backend.ca_file.display().to_string()}});
+        let mut tls = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        });
+        match ip {
+            Some(_) => {
+                validation["match_typed_subject_alt_names"] =
+                    json!([{"san_type": "IP_ADDRESS", "matcher": {"exact": url.host}}]);
+            }
+            None => {
+                tls["sni"] = json!(url.host);
+                validation["match_typed_subject_alt_names"] =
+                    json!([{"san_type": "DNS", "matcher": {"exact": url.host}}]);
+            }
+        }
+        tls["common_tls_context"] = json!({"validation_context": validation});
+        cluster["transport_socket"] =
+            json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
+    }
+    cluster
+}
+
+fn extproc_cluster(config: &Config) -> Value {
+    let address = match &config.extproc.listen {
+        ListenAddr::Unix(path) => json!({"pipe": {"path": path.display().to_string()}}),
+        ListenAddr::Tcp(addr) => socket_address(dialable(*addr)),
+    };
+    json!({
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        // A buffered request body travels to the processor in one gRPC
+        // message: the connection must be allowed to hold it.
+        "per_connection_buffer_limit_bytes": config.limits.max_request_body_bytes + 64 * 1024,
+        "typed_extension_protocol_options": http_protocol_options(json!({"http2_protocol_options": {}})),
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    })
+}
+
+fn http_protocol_options(explicit: Value) -> Value {
+    json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": explicit,
+    }})
+}
+
+fn socket_address(addr: SocketAddr) -> Value {
+    json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
+}
+
+/// The processor may listen on the wildcard address; Envoy must dial a
+/// concrete one, and it runs beside the processor.
+fn dialable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// A protobuf Duration in its JSON form: `"2s"`, `"0.2s"`.
+fn duration(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_text(yaml, Path::new("t.yaml")).unwrap()
+    }
+
+    #[test]
+    fn tls_backend_gets_sni_and_system_cas() {
+        let c = config(
+            "backends: [{name: tars, url: 'https://api.router.tetrate.ai', api_key_file: k}]\nmodels: [{name: '*', backend: tars}]\n",
+        );
+        let v: Value = serde_yaml_ng::from_str(&render(&c).unwrap()).unwrap();
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let tars = clusters.iter().find(|c| c["name"] == "tars").unwrap();
+        let tls = &tars["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "api.router.tetrate.ai");
+        assert_eq!(
+            tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
+            "/etc/ssl/certs/ca-certificates.crt"
+        );
+        assert_eq!(
+            tars["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            443
+        );
+        let routes = &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"];
+        assert_eq!(
+            routes[0]["route"]["host_rewrite_literal"],
+            "api.router.tetrate.ai"
+        );
+        assert_eq!(
+            routes[0]["match"]["headers"][0]["string_match"]["exact"],
+            "tars"
+        );
+        assert_eq!(routes[1]["direct_response"]["status"], 404);
+    }
+
+    #[test]
+    fn unix_socket_and_wildcard_listen() {
+        let c = config(
+            "extproc: {listen: 'unix:/run/x.sock'}\nbackends: [{name: a, url: 'http://10.0.0.1:8080/openai', api_key_file: k}]\nmodels: [{name: m, backend: a}]\n",
+        );
+        let yaml = render(&c).unwrap();
+        assert!(yaml.contains("path: /run/x.sock"), "{yaml}");
+        assert!(yaml.contains("prefix_rewrite: /openai/"), "{yaml}");
+        assert!(!yaml.contains("transport_socket"), "{yaml}");
+        assert_eq!(
+            dialable("0.0.0.0:1063".parse().unwrap()).to_string(),
+            "127.0.0.1:1063"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(Duration::from_secs(300)), "300s");
+        assert_eq!(duration(Duration::from_millis(200)), "0.2s");
+        assert_eq!(duration(Duration::ZERO), "0s");
+    }
+}

@@ -1,0 +1,141 @@
+//! Reading Envoy's header maps.
+
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+
+use super::INTERNAL_HEADER_PREFIX;
+
+/// Headers through which a client could hand a provider its own key. They
+/// are removed from every forwarded request: only the gateway's key leaves.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+];
+
+/// The request facts the gateway needs from the header map.
+#[derive(Debug, Default)]
+pub struct RequestHead {
+    pub method: String,
+    /// The path without its query string.
+    pub path: String,
+    pub request_id: String,
+    pub content_length: Option<u64>,
+    /// Client headers to remove before forwarding: credentials and any
+    /// gateway-internal header the client tried to set.
+    pub to_remove: Vec<String>,
+}
+
+/// A header's value: Envoy sends `raw_value` (bytes) in current versions and
+/// `value` in older ones.
+fn value_of(h: &envoy_types::pb::envoy::config::core::v3::HeaderValue) -> &[u8] {
+    if h.raw_value.is_empty() {
+        h.value.as_bytes()
+    } else {
+        &h.raw_value
+    }
+}
+
+impl RequestHead {
+    pub fn from_headers(map: Option<&HeaderMap>) -> Self {
+        let mut head = RequestHead::default();
+        let Some(map) = map else {
+            return head;
+        };
+        for h in &map.headers {
+            // Envoy hands header names over lower-cased.
+            let key = h.key.as_str();
+            let value = value_of(h);
+            match key {
+                ":method" => head.method = String::from_utf8_lossy(value).into_owned(),
+                ":path" => {
+                    let path = value.split(|&b| b == b'?').next().unwrap_or_default();
+                    head.path = String::from_utf8_lossy(path).into_owned();
+                }
+                "x-request-id" => head.request_id = String::from_utf8_lossy(value).into_owned(),
+                "content-length" => {
+                    head.content_length = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok())
+                }
+                _ => {}
+            }
+            if CREDENTIAL_HEADERS.contains(&key) || key.starts_with(INTERNAL_HEADER_PREFIX) {
+                if !head.to_remove.iter().any(|k| k == key) {
+                    head.to_remove.push(key.to_string());
+                }
+            }
+        }
+        head
+    }
+}
+
+/// The `:status` of a response header map, and a header by name.
+pub fn response_status(map: Option<&HeaderMap>) -> Option<u16> {
+    header(map, ":status").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a [u8]> {
+    map?.headers.iter().find(|h| h.key == name).map(value_of)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reads_head_and_lists_client_credentials() {
+        let m = map(&[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions?x=1"),
+            ("x-request-id", "abc"),
+            ("content-length", "42"),
+            ("authorization", "Bearer client"),
+            ("x-api-key", "client"),
+            ("x-ai-eg-backend", "evil"),
+            ("x-ai-eg-anything", "1"),
+            ("user-agent", "kilo"),
+        ]);
+        let head = RequestHead::from_headers(Some(&m));
+        assert_eq!(head.method, "POST");
+        assert_eq!(head.path, "/v1/chat/completions");
+        assert_eq!(head.request_id, "abc");
+        assert_eq!(head.content_length, Some(42));
+        assert_eq!(
+            head.to_remove,
+            [
+                "authorization",
+                "x-api-key",
+                "x-ai-eg-backend",
+                "x-ai-eg-anything"
+            ]
+        );
+    }
+
+    #[test]
+    fn old_envoy_value_field_is_read() {
+        let m = HeaderMap {
+            headers: vec![HeaderValue {
+                key: ":status".into(),
+                value: "429".into(),
+                ..Default::default()
+            }],
+        };
+        assert_eq!(response_status(Some(&m)), Some(429));
+    }
+}

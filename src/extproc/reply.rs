@@ -1,0 +1,123 @@
+//! Builders of the `ProcessingResponse` messages Envoy expects, so the
+//! exchange logic reads as decisions rather than protobuf plumbing.
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation, common_response::ResponseStatus, processing_response::Response, BodyMutation,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse,
+};
+
+use crate::openai::error::ApiError;
+
+/// A header to set, replacing any value the request already had.
+pub fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// What to change in a message Envoy holds.
+#[derive(Default)]
+pub struct Changes {
+    pub set: Vec<HeaderValueOption>,
+    pub remove: Vec<String>,
+    pub body: Option<Vec<u8>>,
+    /// Ask Envoy to match the route again, on the headers as changed.
+    pub reroute: bool,
+}
+
+impl Changes {
+    fn into_common(self) -> Option<CommonResponse> {
+        if self.set.is_empty() && self.remove.is_empty() && self.body.is_none() && !self.reroute {
+            // An absent CommonResponse means "continue unchanged".
+            return None;
+        }
+        let header_mutation =
+            (!self.set.is_empty() || !self.remove.is_empty()).then(|| HeaderMutation {
+                set_headers: self.set,
+                remove_headers: self.remove,
+            });
+        Some(CommonResponse {
+            status: ResponseStatus::Continue as i32,
+            header_mutation,
+            body_mutation: self.body.map(|b| BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(b)),
+            }),
+            clear_route_cache: self.reroute,
+            ..Default::default()
+        })
+    }
+}
+
+pub fn request_headers(changes: Changes) -> ProcessingResponse {
+    wrap(Response::RequestHeaders(HeadersResponse {
+        response: changes.into_common(),
+    }))
+}
+
+pub fn request_body(changes: Changes) -> ProcessingResponse {
+    wrap(Response::RequestBody(BodyResponse {
+        response: changes.into_common(),
+    }))
+}
+
+pub fn response_headers(changes: Changes) -> ProcessingResponse {
+    wrap(Response::ResponseHeaders(HeadersResponse {
+        response: changes.into_common(),
+    }))
+}
+
+pub fn response_body(changes: Changes) -> ProcessingResponse {
+    wrap(Response::ResponseBody(BodyResponse {
+        response: changes.into_common(),
+    }))
+}
+
+/// Answers the client directly; nothing is sent upstream.
+pub fn immediate(
+    status: u16,
+    body: Vec<u8>,
+    content_type: &str,
+    details: &str,
+) -> ProcessingResponse {
+    wrap(Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus {
+            code: i32::from(status),
+        }),
+        headers: Some(HeaderMutation {
+            set_headers: vec![set_header("content-type", content_type.as_bytes())],
+            remove_headers: Vec::new(),
+        }),
+        body,
+        // Shows in Envoy's %RESPONSE_CODE_DETAILS%.
+        details: details.to_string(),
+        ..Default::default()
+    }))
+}
+
+/// An OpenAI-shaped error answered by the gateway.
+pub fn error(e: &ApiError) -> ProcessingResponse {
+    immediate(
+        e.status,
+        e.to_json(),
+        "application/json",
+        &format!("ai_gateway_{}", e.code),
+    )
+}
+
+fn wrap(response: Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        ..Default::default()
+    }
+}

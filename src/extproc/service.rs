@@ -1,0 +1,47 @@
+//! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service.
+//!
+//! Envoy opens one bidirectional stream per HTTP request. Each stream gets
+//! its own [`Exchange`]; since deciding never waits on I/O, the answers are
+//! produced by mapping the inbound stream in place: no task, no channel and
+//! no lock per request.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Exchange;
+use crate::state::GatewayState;
+
+/// The ext_proc service, shared by all streams.
+#[derive(Clone)]
+pub struct ExtProcService {
+    state: Arc<GatewayState>,
+}
+
+impl ExtProcService {
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut exchange = Exchange::new(Arc::clone(&self.state));
+        let answers = request
+            .into_inner()
+            .map(move |message| exchange.on_message(message?));
+        Ok(Response::new(Box::pin(answers)))
+    }
+}

@@ -1,0 +1,39 @@
+//! `ai-gateway-extproc`: an Envoy external processor that makes Envoy an
+//! OpenAI-compatible LLM gateway.
+//!
+//! Envoy sends each request's phases over the ext_proc gRPC stream; the
+//! processor reads the `model` from the body, picks the backend, and tells
+//! Envoy where to send the request and with which key. Module map:
+//!
+//! - [`config`]: the configuration file, loaded and validated;
+//! - [`routes`]: model → backend rules ([`routes::RouteTable`]);
+//! - [`secret`]: provider keys and their file watcher ([`secret::SecretWatcher`]);
+//! - [`watch`]: "this file may have changed" notifications;
+//! - [`reload`]: configuration hot reload;
+//! - [`state`]: the immutable snapshot the data path reads;
+//! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
+//! - [`extproc`]: the gRPC service and the per-request state machine;
+//! - [`envoy_config`]: the Envoy bootstrap rendered from the same config;
+//! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations.
+
+pub mod admin;
+pub mod config;
+pub mod envoy_config;
+pub mod extproc;
+pub mod logging;
+pub mod metrics;
+pub mod openai;
+pub mod reload;
+pub mod routes;
+pub mod secret;
+pub mod shutdown;
+pub mod state;
+pub mod watch;
+
+/// The version shown by `--version` and in the start log line.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("AI_GATEWAY_GIT_REV"),
+    ")"
+);

@@ -1,0 +1,200 @@
+//! `ai-gateway-extproc`: parses the command line and wires the pieces.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
+use ai_gateway_extproc::extproc::listener::ExtProcListener;
+use ai_gateway_extproc::extproc::ExtProcService;
+use ai_gateway_extproc::logging::{self, LogFormat};
+use ai_gateway_extproc::metrics::Metrics;
+use ai_gateway_extproc::reload::ConfigWatcher;
+use ai_gateway_extproc::secret::{KeyStore, SecretWatcher};
+use ai_gateway_extproc::state::{GatewayState, Snapshot};
+use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
+
+/// Envoy external processor that turns Envoy into an OpenAI-compatible LLM
+/// gateway: routes by `model`, injects the provider key from a watched file.
+#[derive(Parser)]
+#[command(name = "ai-gateway-extproc", version = VERSION)]
+struct Cli {
+    /// Gateway configuration file (YAML or JSON). Watched: a valid new
+    /// version applies without restart.
+    #[arg(long, global = true, env = "AI_GATEWAY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Where to serve Envoy's ext_proc gRPC stream: `host:port` or
+    /// `unix:/path/to.sock`. Overrides `extproc.listen`.
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_listen)]
+    listen: Option<ListenAddr>,
+
+    /// Where to serve /healthz, /readyz and /metrics (`host:port`).
+    /// Overrides `admin.listen`.
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_socket_addr)]
+    admin_listen: Option<SocketAddr>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing
+    /// directive list. Overrides RUST_LOG; default info.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    drain_timeout: Duration,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the Envoy bootstrap YAML for the configuration: listener,
+    /// ext_proc filter, routes, one cluster per backend.
+    EnvoyConfig,
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::EnvoyConfig) => print_envoy_config(&cli),
+        None => run(cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ai-gateway-extproc: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn overrides(cli: &Cli) -> Overrides {
+    Overrides {
+        extproc_listen: cli.listen.clone(),
+        admin_listen: cli.admin_listen,
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<(PathBuf, Config)> {
+    let path = cli
+        .config
+        .clone()
+        .context("--config FILE is required (or set AI_GATEWAY_CONFIG)")?;
+    let mut config = Config::load(&path)?;
+    overrides(cli).apply(&mut config);
+    Ok((path, config))
+}
+
+fn print_envoy_config(cli: &Cli) -> Result<()> {
+    let (_, config) = load_config(cli)?;
+    print!("{}", envoy_config::render(&config)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
+    let (config_path, config) = load_config(&cli)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(cli, config_path, config))
+}
+
+async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let snapshot = Snapshot::new(config);
+    let poll_interval = snapshot.config.watch.poll_interval;
+    let (sources_tx, sources_rx) = watch::channel(snapshot.key_sources());
+    let keys = Arc::new(KeyStore::default());
+    let mut secrets = SecretWatcher::new(
+        Arc::clone(&keys),
+        sources_rx,
+        poll_interval,
+        Arc::clone(&metrics),
+    );
+    secrets.load_now().await;
+
+    let extproc_addr = snapshot.config.extproc.listen.clone();
+    let admin_addr = snapshot.config.admin.listen;
+    let body_limit = snapshot.max_request_body_bytes;
+    let (backends, models) = (snapshot.config.backends.len(), snapshot.config.models.len());
+    let state = Arc::new(GatewayState::new(snapshot, keys, metrics));
+
+    let extproc = ExtProcListener::bind(&extproc_addr).await?;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on {admin_addr} (admin)"))?;
+    let admin_bound = admin_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let backend_names: Vec<String> = state
+        .snapshot()
+        .config
+        .backends
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    tracing::info!(
+        version = VERSION,
+        extproc = %extproc.local_addr(),
+        admin = %admin_bound,
+        config = %config_path.display(),
+        backends = %backend_names.join(","),
+        models,
+        "ai-gateway-extproc started with {backends} backend(s) and {models} model rule(s)"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(secrets.run(stop_rx.clone()));
+    let config_watcher = ConfigWatcher::new(
+        config_path,
+        overrides(&cli),
+        Arc::clone(&state),
+        sources_tx,
+        poll_interval,
+    );
+    tokio::spawn(config_watcher.run(stop_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&state),
+        shutdown::requested(stop_rx.clone()),
+    ));
+
+    let service = ExtProcService::new(Arc::clone(&state));
+    let mut server = tokio::spawn(extproc.serve(service, body_limit, shutdown::requested(stop_rx)));
+    tokio::select! {
+        _ = shutdown::signal() => {}
+        result = &mut server => {
+            // The server stopped on its own: that is a failure.
+            result.context("ext_proc server task failed")??;
+            anyhow::bail!("ext_proc server stopped unexpectedly");
+        }
+    }
+    tracing::info!(drain_timeout = ?cli.drain_timeout, "shutting down: no new streams, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(cli.drain_timeout, server).await {
+        Ok(result) => result.context("ext_proc server task failed")??,
+        Err(_) => tracing::warn!("drain timeout reached; closing remaining streams"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! OpenAI-shaped error responses the gateway sends on its own.
+//!
+//! Clients (the OpenAI SDKs, Kilo Code, Cline) parse
+//! `{"error":{"message","type","param","code"}}` and show `message` to the
+//! user, so every message says what went wrong and what to do about it.
+//! Messages never contain a key: only names, paths and sizes.
+
+use serde::Serialize;
+
+/// An error answered by the gateway without calling a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    /// OpenAI's `type`: `invalid_request_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// A stable machine-readable `code`, also used as a metrics label.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message,
+        }
+    }
+
+    pub fn invalid_body(message: String) -> Self {
+        Self::new(400, "invalid_request_error", "invalid_body", message)
+    }
+
+    pub fn invalid_model(message: String) -> Self {
+        Self::new(400, "invalid_request_error", "invalid_model", message)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` is not served by this gateway. GET /v1/models lists the models it routes."),
+        )
+    }
+
+    pub fn unknown_path(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Unknown request URL: {method} {path}. The gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/messages and /v1/models."),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}; use {allowed}."),
+        )
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            too_large_message(limit),
+        )
+    }
+
+    pub fn key_unavailable(backend: &str) -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "backend_key_unavailable",
+            format!("The gateway has no API key loaded for backend `{backend}`; its operator must provide the key file. See the gateway's logs."),
+        )
+    }
+
+    /// The response body.
+    pub fn to_json(&self) -> Vec<u8> {
+        error_json(&self.message, self.kind, self.code)
+    }
+}
+
+/// The message of a 413. Envoy answers oversized chunked bodies itself, and
+/// the rendered Envoy config must give the same text, so it is shared.
+pub fn too_large_message(limit: usize) -> String {
+    format!("The request body is larger than this gateway's limit of {limit} bytes.")
+}
+
+/// Serializes one OpenAI error object.
+pub fn error_json(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Inner<'a>,
+    }
+    #[derive(Serialize)]
+    struct Inner<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: &'a str,
+    }
+    let body = Body {
+        error: Inner {
+            message,
+            kind,
+            param: None,
+            code,
+        },
+    };
+    // Serializing plain strings into a Vec cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_is_openai() {
+        let e = ApiError::model_not_found("no\"pe");
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert!(v["error"]["param"].is_null());
+        assert!(v["error"]["message"].as_str().unwrap().contains("no\"pe"));
+        assert_eq!(e.status, 404);
+    }
+}

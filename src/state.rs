@@ -1,0 +1,87 @@
+//! The state the data path reads: an immutable [`Snapshot`] of the active
+//! configuration, swapped whole on reload, and the key store.
+//!
+//! A request loads the snapshot once, at its first message, and keeps it to
+//! the end, so a reload in the middle of a request never mixes two configs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::openai::models;
+use crate::routes::RouteTable;
+use crate::secret::{sources_of, KeySource, KeyStore};
+
+/// Everything derived from one configuration that requests need.
+pub struct Snapshot {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub max_request_body_bytes: usize,
+    /// The gateway's own `GET /v1/models` answer, rendered once.
+    pub model_list_json: Vec<u8>,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Self {
+        let routes = RouteTable::new(&config);
+        let model_list_json = models::list_json(routes.listed_models());
+        Self {
+            max_request_body_bytes: config.max_request_body_bytes(),
+            routes,
+            model_list_json,
+            config,
+        }
+    }
+
+    /// The key files of this configuration's backends.
+    pub fn key_sources(&self) -> Vec<KeySource> {
+        sources_of(
+            self.config
+                .backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.api_key_file.as_path())),
+        )
+    }
+}
+
+/// Shared by the ext_proc service, the admin server and the watchers.
+pub struct GatewayState {
+    snapshot: ArcSwap<Snapshot>,
+    pub keys: Arc<KeyStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl GatewayState {
+    pub fn new(snapshot: Snapshot, keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            keys,
+            metrics,
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Puts a new configuration in force for new requests.
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Backends of the active configuration that have no key loaded.
+    pub fn backends_without_key(&self) -> Vec<String> {
+        let snapshot = self.snapshot.load();
+        snapshot
+            .routes
+            .backends()
+            .iter()
+            .filter(|b| !self.keys.has(Path::new(&b.api_key_file)))
+            .map(|b| b.name.to_string())
+            .collect()
+    }
+}

@@ -1,0 +1,143 @@
+//! Tells when watched files may have changed: filesystem events, with a poll
+//! as a safety net.
+//!
+//! The parent directory is watched, never the file: Kubernetes replaces a
+//! mounted Secret by swapping the `..data` symlink in its directory, and
+//! `mv new key` replaces the inode, so a watch on the file itself would go
+//! deaf after the first rotation. Editors and `cp` write in place, which the
+//! directory watch sees as well.
+//!
+//! Events only say "look again": the consumer re-reads and compares, so a
+//! spurious wake-up costs one small read and a missed event costs at most
+//! one poll interval.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior};
+
+/// After an event, wait this long for the rest of its burst (a kubelet swap
+/// or an in-place write is several events) before re-reading.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Wakes its owner when any of a set of files may have changed.
+pub struct FileWatcher {
+    events: mpsc::Receiver<()>,
+    poll: Interval,
+    watcher: Option<RecommendedWatcher>,
+    /// Directories that could not be watched yet (missing, or no inotify);
+    /// retried on every poll tick.
+    unwatched: Vec<PathBuf>,
+}
+
+impl FileWatcher {
+    pub fn new<'a>(files: impl IntoIterator<Item = &'a Path>, poll_interval: Duration) -> Self {
+        let dirs: BTreeSet<PathBuf> = files.into_iter().map(parent_dir).collect();
+        // Capacity 1: a pending wake-up already covers every later event.
+        let (tx, events) = mpsc::channel(1);
+        let watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(event) if is_change(&event.kind) => {
+                    let _ = tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "file watch error; relying on polling"),
+            });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "filesystem events unavailable; polling only");
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut this = Self {
+            events,
+            poll,
+            watcher,
+            unwatched: dirs.into_iter().collect(),
+        };
+        this.watch_pending();
+        this
+    }
+
+    /// Resolves when the files may have changed. The first call returns at
+    /// once (the poll's first tick), which doubles as the initial load.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            Some(()) = self.events.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                while self.events.try_recv().is_ok() {}
+            }
+            _ = self.poll.tick() => self.watch_pending(),
+        }
+    }
+
+    fn watch_pending(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        self.unwatched.retain(|dir| match watcher.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::debug!(dir = %dir.display(), "watching directory");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory yet; polling it");
+                true
+            }
+        });
+    }
+}
+
+/// Opening or reading a file is not a change; without this filter our own
+/// re-read would wake us again, forever.
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_of_bare_file_is_cwd() {
+        assert_eq!(parent_dir(Path::new("apiKey")), PathBuf::from("."));
+        assert_eq!(
+            parent_dir(Path::new("/etc/s/apiKey")),
+            PathBuf::from("/etc/s")
+        );
+    }
+
+    #[tokio::test]
+    async fn wakes_on_rename_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "a").unwrap();
+        // A long poll interval, so only a filesystem event can wake us.
+        let mut w = FileWatcher::new([file.as_path()], Duration::from_secs(3600));
+        w.changed().await; // the immediate first tick
+        let tmp = dir.path().join(".key.tmp");
+        std::fs::write(&tmp, "b").unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after rename");
+    }
+}
