@@ -12,6 +12,7 @@
 //! one poll interval.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,12 +37,17 @@ pub struct FileWatcher {
 
 impl FileWatcher {
     pub fn new<'a>(files: impl IntoIterator<Item = &'a Path>, poll_interval: Duration) -> Self {
-        let dirs: BTreeSet<PathBuf> = files.into_iter().map(parent_dir).collect();
+        let files: Vec<PathBuf> = files.into_iter().map(Path::to_path_buf).collect();
+        let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
+        let names: Vec<OsString> = files
+            .iter()
+            .filter_map(|f| f.file_name().map(OsString::from))
+            .collect();
         // Capacity 1: a pending wake-up already covers every later event.
         let (tx, events) = mpsc::channel(1);
         let watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if is_change(&event.kind) => {
+                Ok(event) if is_change(&event.kind) && concerns(&event.paths, &names) => {
                     let _ = tx.try_send(());
                 }
                 Ok(_) => {}
@@ -105,6 +111,18 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
+/// Whether an event touches a watched file, or the kubelet's `..data`
+/// machinery (`..data`, `..data_tmp`, `..2026_11_21_...`). Other files in the
+/// same directory (a log file beside the config, say) must not wake us: a
+/// log line about waking would wake us again.
+fn concerns(paths: &[PathBuf], names: &[OsString]) -> bool {
+    paths.iter().any(|p| match p.file_name() {
+        Some(name) => names.iter().any(|n| n == name) || name.as_encoded_bytes().starts_with(b".."),
+        // An event without a name is about the directory itself.
+        None => true,
+    })
+}
+
 fn parent_dir(file: &Path) -> PathBuf {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -122,6 +140,33 @@ mod tests {
         assert_eq!(
             parent_dir(Path::new("/etc/s/apiKey")),
             PathBuf::from("/etc/s")
+        );
+    }
+
+    #[test]
+    fn only_watched_names_and_kubelet_entries_count() {
+        let names = [OsString::from("apiKey")];
+        let p = |s: &str| vec![PathBuf::from(s)];
+        assert!(concerns(&p("/s/apiKey"), &names));
+        assert!(concerns(&p("/s/..data"), &names));
+        assert!(concerns(&p("/s/..2026_11_21_22_00_00.1"), &names));
+        assert!(!concerns(&p("/s/extproc.log"), &names));
+        assert!(!concerns(&p("/s/apiKey.tmp"), &names));
+    }
+
+    #[tokio::test]
+    async fn ignores_other_files_in_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "a").unwrap();
+        let mut w = FileWatcher::new([file.as_path()], Duration::from_secs(3600));
+        w.changed().await;
+        std::fs::write(dir.path().join("other.log"), "noise").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), w.changed())
+                .await
+                .is_err(),
+            "woke up for an unrelated file"
         );
     }
 

@@ -61,10 +61,10 @@ impl RequestHead {
                 }
                 _ => {}
             }
-            if CREDENTIAL_HEADERS.contains(&key) || key.starts_with(INTERNAL_HEADER_PREFIX) {
-                if !head.to_remove.iter().any(|k| k == key) {
-                    head.to_remove.push(key.to_string());
-                }
+            let forbidden =
+                CREDENTIAL_HEADERS.contains(&key) || key.starts_with(INTERNAL_HEADER_PREFIX);
+            if forbidden && !head.to_remove.iter().any(|k| k == key) {
+                head.to_remove.push(key.to_string());
             }
         }
         head

@@ -43,7 +43,7 @@ impl Changes {
             return None;
         }
         let header_mutation =
-            (!self.set.is_empty() || !self.remove.is_empty()).then(|| HeaderMutation {
+            (!self.set.is_empty() || !self.remove.is_empty()).then_some(HeaderMutation {
                 set_headers: self.set,
                 remove_headers: self.remove,
             });

@@ -1,0 +1,233 @@
+//! A fake OpenAI-compatible provider: answers chat, completions, embeddings,
+//! responses, messages and the model list like a real one, and records every
+//! request it receives so tests can check what the gateway sent.
+//!
+//! Used by the integration tests and, through `examples/fake_upstream.rs`,
+//! by `scripts/run.sh` as the default offline upstream.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use serde_json::{json, Value};
+
+/// One request as the provider received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Every value of a header (to catch duplicates).
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A fixed answer to give instead of the normal one.
+#[derive(Debug, Clone)]
+pub struct Canned {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+struct Inner {
+    name: String,
+    recorded: Mutex<Vec<Recorded>>,
+    canned: Mutex<Option<Canned>>,
+}
+
+/// A running fake provider.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+/// The model list the fake provider serves, with the extra per-model fields
+/// that TARS and some clients use; the gateway must pass them untouched.
+pub const MODEL_LIST: &str = r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"openai","context_window":128000,"max_output_tokens":16384,"input_price":0.15,"output_price":0.6,"supports_vision":true},{"id":"claude-sonnet-4-20250514","object":"model","created":1747958400,"owned_by":"anthropic","context_window":200000,"supports_reasoning":true}]}"#;
+
+impl FakeUpstream {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(name: &str) -> Self {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            recorded: Mutex::new(Vec::new()),
+            canned: Mutex::new(None),
+        });
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("fake upstream address");
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&inner));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, inner }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.recorded.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .expect("the upstream received no request")
+    }
+
+    pub fn clear(&self) {
+        self.inner.recorded.lock().unwrap().clear();
+    }
+
+    /// Answers every following request with `canned` (None: normal again).
+    pub fn set_canned(&self, canned: Option<Canned>) {
+        *self.inner.canned.lock().unwrap() = canned;
+    }
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers,
+        body,
+    };
+    inner.recorded.lock().unwrap().push(recorded.clone());
+
+    let canned = inner.canned.lock().unwrap().clone();
+    if let Some(c) = canned {
+        let mut builder = Response::builder().status(c.status);
+        for (k, v) in &c.headers {
+            builder = builder.header(k, v);
+        }
+        return builder.body(Body::from(c.body)).unwrap();
+    }
+
+    let request = recorded.json();
+    let model = request["model"].as_str().unwrap_or("unknown").to_string();
+    let name = &inner.name;
+    let answer = match (recorded.method.as_str(), recorded.path.as_str()) {
+        ("GET", "/v1/models") => return json_response(StatusCode::OK, MODEL_LIST.to_string(), name),
+        ("POST", "/v1/chat/completions") if request["stream"] == json!(true) => {
+            return sse_response(&model, name, request["stream_options"]["include_usage"] == json!(true));
+        }
+        ("POST", "/v1/chat/completions") => json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {name}.")}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        }),
+        ("POST", "/v1/completions") => json!({
+            "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "text": format!("Hello from {name}."), "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        }),
+        ("POST", "/v1/embeddings") => json!({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "usage": {"prompt_tokens": 2, "total_tokens": 2},
+        }),
+        ("POST", "/v1/responses") => json!({
+            "id": "resp-fake", "object": "response", "model": model, "status": "completed",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": format!("Hello from {name}.")}]}],
+            "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13},
+        }),
+        ("POST", "/v1/messages") => json!({
+            "id": "msg-fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": format!("Hello from {name}.")}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 9, "output_tokens": 4},
+        }),
+        _ => {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                json!({"error": {"message": "fake upstream: no such path", "type": "invalid_request_error", "code": "not_found"}}).to_string(),
+                name,
+            )
+        }
+    };
+    json_response(StatusCode::OK, answer.to_string(), name)
+}
+
+fn json_response(status: StatusCode, body: String, name: &str) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        HeaderName::from_static("x-fake-upstream"),
+        HeaderValue::from_str(name).unwrap(),
+    );
+    r
+}
+
+/// The SSE stream a provider sends for `stream: true`: role, two content
+/// deltas, a finish chunk, the usage chunk (empty choices) if asked, [DONE].
+fn sse_response(model: &str, name: &str, include_usage: bool) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": "Hello "}), Value::Null),
+        chunk(json!({"content": format!("from {name}.")}), Value::Null),
+        chunk(json!({}), json!("stop")),
+    ];
+    if include_usage {
+        events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+                           "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}));
+    }
+    let mut frames: Vec<Result<Bytes, Infallible>> = events
+        .into_iter()
+        .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
+        .collect();
+    frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    let mut r = Response::new(Body::from_stream(tokio_stream::iter(frames)));
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        HeaderName::from_static("x-fake-upstream"),
+        HeaderValue::from_str(name).unwrap(),
+    );
+    r
+}
