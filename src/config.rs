@@ -370,7 +370,7 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
-    #[error("config file {path} is invalid:\n{}", format_problems(problems))]
+    #[error("config file {path} is invalid: {}", format_problems(problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<Problem>,
@@ -387,9 +387,10 @@ pub struct Problem {
 fn format_problems(problems: &[Problem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  - {}: {}", p.field, p.message))
+        .map(|p| format!("{}: {}", p.field, p.message))
         .collect::<Vec<_>>()
-        .join("\n")
+        // One line: it also goes into logs, where a line is a record.
+        .join("; ")
 }
 
 impl Config {
