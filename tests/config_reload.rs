@@ -21,32 +21,70 @@ async fn valid_config_applies_and_invalid_config_is_refused() {
     let rule = r#"  - {name: "m", backend: "a"}"#;
     assert!(original.contains(rule), "{original}");
 
-    assert_eq!(gw.post_json("/v1/chat/completions", &chat("m")).await.status, 200);
+    assert_eq!(
+        gw.post_json("/v1/chat/completions", &chat("m"))
+            .await
+            .status,
+        200
+    );
     assert_eq!(a.requests().len(), 1);
 
     // Send `m` to b and add a new model, with an atomic replace.
-    let moved = original.replace(rule, &format!("{}\n  - {{name: \"n\", backend: \"a\"}}", rule.replace("\"a\"", "\"b\"")));
+    let moved = original.replace(
+        rule,
+        &format!(
+            "{}\n  - {{name: \"n\", backend: \"a\"}}",
+            rule.replace("\"a\"", "\"b\"")
+        ),
+    );
     rename_key(&gw.config_path, &moved);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let reply = gw.post_json("/v1/chat/completions", &chat("m")).await;
-    assert_eq!(reply.header("x-fake-upstream"), Some("b"), "{}", reply.text());
+    assert_eq!(
+        reply.header("x-fake-upstream"),
+        Some("b"),
+        "{}",
+        reply.text()
+    );
     assert_eq!(b.last().header("authorization"), Some("Bearer key-b"));
-    assert_eq!(gw.post_json("/v1/chat/completions", &chat("n")).await.status, 200);
+    assert_eq!(
+        gw.post_json("/v1/chat/completions", &chat("n"))
+            .await
+            .status,
+        200
+    );
     assert!(gw.extproc_logs().contains("configuration reloaded"));
 
     // Garbage, then a file that parses but references a missing backend.
-    for bad in ["backends: [oops", &moved.replace("backend: \"b\"", "backend: \"ghost\"")] {
+    for bad in [
+        "backends: [oops",
+        &moved.replace("backend: \"b\"", "backend: \"ghost\""),
+    ] {
         std::fs::write(&gw.config_path, bad).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let reply = gw.post_json("/v1/chat/completions", &chat("m")).await;
-        assert_eq!(reply.header("x-fake-upstream"), Some("b"), "{}", reply.text());
+        assert_eq!(
+            reply.header("x-fake-upstream"),
+            Some("b"),
+            "{}",
+            reply.text()
+        );
     }
     let logs = gw.extproc_logs();
-    let refusals: Vec<&str> = logs.lines().filter(|l| l.contains("configuration reload refused")).collect();
+    let refusals: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("configuration reload refused"))
+        .collect();
     assert_eq!(refusals.len(), 2, "{logs}");
     assert!(refusals[1].contains("models[0].backend"), "{}", refusals[1]);
     assert!(logs.contains("ghost"), "{logs}");
     let metrics = gw.admin_get("/metrics").await.text();
-    assert!(metrics.contains(r#"ai_gateway_config_reloads_total{result="failure"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"ai_gateway_config_reloads_total{result="success"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"ai_gateway_config_reloads_total{result="failure"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ai_gateway_config_reloads_total{result="success"} 1"#),
+        "{metrics}"
+    );
 }

@@ -53,7 +53,9 @@ async fn rotate(layout: KeyLayout, replace: fn(&Path, &str)) {
     for (i, key) in ["sk-new-1", "sk-new-2"].into_iter().enumerate() {
         replace(&key_file, key);
         tokio::time::sleep(APPLY_WITHIN).await;
-        let reply = gw.post_json("/v1/chat/completions", &chat("gpt-4o-mini")).await;
+        let reply = gw
+            .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         let expected = format!("Bearer {key}");
         assert_eq!(
@@ -64,12 +66,22 @@ async fn rotate(layout: KeyLayout, replace: fn(&Path, &str)) {
     }
     stop.store(true, Ordering::Relaxed);
     let statuses = traffic.await.unwrap();
-    assert!(statuses.len() > 20, "too little traffic to prove anything: {}", statuses.len());
-    assert!(statuses.iter().all(|s| *s == 200), "failed requests during rotation: {statuses:?}");
+    assert!(
+        statuses.len() > 20,
+        "too little traffic to prove anything: {}",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "failed requests during rotation: {statuses:?}"
+    );
     let allowed = ["Bearer sk-old", "Bearer sk-new-1", "Bearer sk-new-2"];
     for r in up.requests() {
         let auth = r.header("authorization").unwrap_or("");
-        assert!(allowed.contains(&auth), "unexpected authorization upstream: {auth:?}");
+        assert!(
+            allowed.contains(&auth),
+            "unexpected authorization upstream: {auth:?}"
+        );
     }
     let logs = gw.extproc_logs();
     for secret in allowed {
@@ -113,7 +125,10 @@ async fn emptied_or_deleted_key_file_keeps_the_last_good_key() {
         .lines()
         .find(|l| l.contains("the key file is empty"))
         .unwrap_or_else(|| panic!("no error logged for the empty file:\n{logs}"));
-    assert!(line.contains("ERROR") && line.contains("keeping the last good key"), "{line}");
+    assert!(
+        line.contains("ERROR") && line.contains("keeping the last good key"),
+        "{line}"
+    );
 
     std::fs::remove_file(&key_file).unwrap();
     tokio::time::sleep(APPLY_WITHIN).await;
@@ -147,7 +162,11 @@ async fn key_appearing_later_makes_the_gateway_ready() {
         .await
         .assert_error(503, "backend_key_unavailable");
     assert!(m.contains("`tars`"), "{m}");
-    assert!(gw.extproc_logs().contains("no key loaded"), "{}", gw.extproc_logs());
+    assert!(
+        gw.extproc_logs().contains("no key loaded"),
+        "{}",
+        gw.extproc_logs()
+    );
 
     std::fs::write(gw.key_file("tars"), "sk-late\n").unwrap();
     tokio::time::sleep(APPLY_WITHIN).await;

@@ -29,7 +29,10 @@ async fn catch_all_backend_answers_with_its_own_list() {
     // Byte for byte: context_window, prices and flags reach the client.
     assert_eq!(reply.text(), MODEL_LIST);
     let seen = up.last();
-    assert_eq!((seen.method.as_str(), seen.path.as_str()), ("GET", "/v1/models"));
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/v1/models")
+    );
     assert_eq!(seen.header_all("authorization"), ["Bearer sk-tars"]);
     assert!(other.requests().is_empty());
 
@@ -51,7 +54,10 @@ async fn without_catch_all_the_gateway_lists_its_models() {
 
     let reply = gw.get("/v1/models").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert!(reply.header("content-type").unwrap().starts_with("application/json"));
+    assert!(reply
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/json"));
     let list = reply.json();
     assert_eq!(list["object"], "list");
     let ids: Vec<&str> = list["data"]
@@ -67,6 +73,11 @@ async fn without_catch_all_the_gateway_lists_its_models() {
     let one = gw.get("/v1/models/xai/grok-4.5").await;
     assert_eq!(one.status, 200);
     assert_eq!(one.json()["id"], "xai/grok-4.5");
-    gw.get("/v1/models/unknown").await.assert_error(404, "model_not_found");
-    assert!(up.requests().is_empty(), "the gateway's own list called the provider");
+    gw.get("/v1/models/unknown")
+        .await
+        .assert_error(404, "model_not_found");
+    assert!(
+        up.requests().is_empty(),
+        "the gateway's own list called the provider"
+    );
 }

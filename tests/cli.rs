@@ -1,0 +1,126 @@
+//! The command line: the shipped Envoy bootstrap matches what
+//! `envoy-config` renders and the real Envoy accepts it; invalid
+//! configurations stop the start with the field and place named.
+
+mod support;
+
+use std::process::Command;
+
+use support::{envoy_bin, extproc_bin, repo_root};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(extproc_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run ai-gateway-extproc");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_envoy_bootstrap_is_what_envoy_config_renders() {
+    let (code, rendered, stderr) = run(&["envoy-config", "--config", "config/tars.yaml"]);
+    assert_eq!(code, 0, "{stderr}");
+    let shipped = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
+    assert!(
+        rendered == shipped,
+        "envoy/envoy.yaml drifted from config/tars.yaml; regenerate it with:\n  \
+         cargo run -- envoy-config --config config/tars.yaml > envoy/envoy.yaml"
+    );
+}
+
+#[test]
+fn real_envoy_accepts_the_shipped_bootstrap() {
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c"])
+        .arg(repo_root().join("envoy/envoy.yaml"))
+        .output()
+        .expect("run envoy");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && all.contains("OK"), "{all}");
+}
+
+#[test]
+fn invalid_config_stops_the_start_naming_field_and_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "backends:\n  - name: tars\n    url: ftp://nowhere\n    api_key_file: k\nmodels:\n  - {name: m, backend: ghost}\n",
+    )
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [vec!["--config", bad], vec!["envoy-config", "--config", bad]] {
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(bad), "{stderr}");
+        assert!(stderr.contains("backends[0].url"), "{stderr}");
+        assert!(stderr.contains("models[0].backend"), "{stderr}");
+    }
+
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(&typo, "backends: []\nmodels: []\nlimts: {}\n").unwrap();
+    let (code, _, stderr) = run(&["--config", typo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("limts") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = run(&["--config", "/nonexistent/gateway.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/gateway.yaml"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--config"), "{stderr}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let (code, help, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--config",
+        "--listen",
+        "--admin-listen",
+        "--log-level",
+        "--log-format",
+        "envoy-config",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+    let (code, version, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(version.starts_with("ai-gateway-extproc "), "{version}");
+}
+
+#[test]
+fn flags_override_the_file() {
+    let (code, yaml, stderr) = run(&[
+        "envoy-config",
+        "--config",
+        "config/tars.yaml",
+        "--listen",
+        "unix:/run/ai-gateway/extproc.sock",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        yaml.contains("path: /run/ai-gateway/extproc.sock"),
+        "{yaml}"
+    );
+}
