@@ -11,9 +11,11 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+// Each test crate uses its own part of the harness.
+#[allow(unused_imports)]
 pub use fake_upstream::{Canned, FakeUpstream, Recorded, MODEL_LIST};
 
 /// The Envoy version the project pins (scripts/setup.sh installs it).
