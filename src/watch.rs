@@ -171,6 +171,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn wakes_on_kubelet_data_swap() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..v1")).unwrap();
+        std::fs::write(d.join("..v1/apiKey"), "a").unwrap();
+        symlink("..v1", d.join("..data")).unwrap();
+        symlink("..data/apiKey", d.join("apiKey")).unwrap();
+        let file = d.join("apiKey");
+        let mut w = FileWatcher::new([file.as_path()], Duration::from_secs(3600));
+        w.changed().await;
+        // What the kubelet does: new version dir, `..data_tmp`, rename.
+        std::fs::create_dir(d.join("..v2")).unwrap();
+        std::fs::write(d.join("..v2/apiKey"), "b").unwrap();
+        symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after the ..data swap");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "b");
+    }
+
+    #[tokio::test]
     async fn wakes_on_rename_into_place() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("key");
