@@ -39,13 +39,7 @@ async fn valid_config_applies_and_invalid_config_is_refused() {
     );
     rename_key(&gw.config_path, &moved);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let reply = gw.post_json("/v1/chat/completions", &chat("m")).await;
-    assert_eq!(
-        reply.header("x-fake-upstream"),
-        Some("b"),
-        "{}",
-        reply.text()
-    );
+    assert_eq!(served_by(&gw, "m").await, "b");
     assert_eq!(b.last().header("authorization"), Some("Bearer key-b"));
     assert_eq!(
         gw.post_json("/v1/chat/completions", &chat("n"))
@@ -62,12 +56,10 @@ async fn valid_config_applies_and_invalid_config_is_refused() {
     ] {
         std::fs::write(&gw.config_path, bad).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let reply = gw.post_json("/v1/chat/completions", &chat("m")).await;
         assert_eq!(
-            reply.header("x-fake-upstream"),
-            Some("b"),
-            "{}",
-            reply.text()
+            served_by(&gw, "m").await,
+            "b",
+            "a refused config took effect"
         );
     }
     let logs = gw.extproc_logs();
@@ -87,4 +79,14 @@ async fn valid_config_applies_and_invalid_config_is_refused() {
         metrics.contains(r#"ai_gateway_config_reloads_total{result="success"} 1"#),
         "{metrics}"
     );
+}
+
+/// Which fake provider answered a chat completion for `model`.
+async fn served_by(gw: &Gateway, model: &str) -> String {
+    let reply = gw.post_json("/v1/chat/completions", &chat(model)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply
+        .header("x-fake-upstream")
+        .unwrap_or("none")
+        .to_string()
 }

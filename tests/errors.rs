@@ -127,11 +127,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_the_provider() {
 #[tokio::test(flavor = "multi_thread")]
 async fn provider_errors_pass_through_unchanged_and_are_logged() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::builder()
-        .backend("tars", &up.url(), Some("sk-bad-key"))
-        .model("*", "tars")
-        .start()
-        .await;
+    let gw = Gateway::catch_all(&up, Some("sk-bad-key")).await;
     let key_file = gw.key_file("tars");
 
     let cases = [

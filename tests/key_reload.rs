@@ -108,11 +108,7 @@ async fn rotation_by_in_place_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn emptied_or_deleted_key_file_keeps_the_last_good_key() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::builder()
-        .backend("tars", &up.url(), Some("sk-good"))
-        .model("*", "tars")
-        .start()
-        .await;
+    let gw = Gateway::catch_all(&up, Some("sk-good")).await;
     let key_file = gw.key_file("tars");
 
     write_in_place(&key_file, "  \n");
@@ -148,11 +144,7 @@ async fn emptied_or_deleted_key_file_keeps_the_last_good_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn key_appearing_later_makes_the_gateway_ready() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::builder()
-        .backend("tars", &up.url(), None)
-        .model("*", "tars")
-        .start()
-        .await;
+    let gw = Gateway::catch_all(&up, None).await;
 
     let ready = gw.admin_get("/readyz").await;
     assert_eq!(ready.status, 503);

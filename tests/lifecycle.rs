@@ -10,11 +10,7 @@ use support::{chat, FakeUpstream, Gateway};
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_cleanly() {
     let up = FakeUpstream::start("tars").await;
-    let mut gw = Gateway::builder()
-        .backend("tars", &up.url(), Some("k"))
-        .model("*", "tars")
-        .start()
-        .await;
+    let mut gw = Gateway::catch_all(&up, Some("k")).await;
     // Envoy now holds an HTTP/2 connection to the processor.
     assert_eq!(
         gw.post_json("/v1/chat/completions", &chat("m"))

@@ -11,11 +11,7 @@ use support::{python_bin, repo_root, FakeUpstream, Gateway};
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_works_through_the_gateway() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::builder()
-        .backend("tars", &up.url(), Some("sk-gateway"))
-        .model("*", "tars")
-        .start()
-        .await;
+    let gw = Gateway::catch_all(&up, Some("sk-gateway")).await;
 
     let url = format!("{}/v1", gw.url);
     let script = repo_root().join("tests/openai_sdk_client.py");

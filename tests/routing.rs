@@ -132,11 +132,7 @@ async fn upstream_model_rewrites_only_the_model() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_endpoint_is_routed_with_its_path() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::builder()
-        .backend("tars", &up.url(), Some("k"))
-        .model("*", "tars")
-        .start()
-        .await;
+    let gw = Gateway::catch_all(&up, Some("k")).await;
     for path in [
         "/v1/chat/completions",
         "/v1/completions",

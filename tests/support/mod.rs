@@ -303,6 +303,15 @@ impl Gateway {
         GatewayBuilder::default()
     }
 
+    /// The common case: one backend `tars` at `upstream`, serving every model.
+    pub async fn catch_all(upstream: &FakeUpstream, key: Option<&str>) -> Gateway {
+        Self::builder()
+            .backend("tars", &upstream.url(), key)
+            .model("*", "tars")
+            .start()
+            .await
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
