@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr};
+use crate::extproc::report::METADATA_NAMESPACE;
 use crate::extproc::BACKEND_HEADER;
 use crate::openai::error::{error_json, too_large_message};
 
@@ -134,7 +135,11 @@ fn ext_proc_filter(config: &Config) -> Value {
                 "response_body_mode": "NONE",
                 "response_trailer_mode": "SKIP",
             },
+            // Successful provider responses switch their body to STREAMED.
             "allow_mode_override": true,
+            // Route and token counts come back as dynamic metadata; Envoy
+            // only accepts it in namespaces listed here.
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         },
     })
 }
@@ -194,6 +199,12 @@ fn access_log() -> Value {
                 "path": "%REQ(:PATH)%",
                 "model": "%REQ(X-AI-EG-MODEL)%",
                 "backend": "%REQ(X-AI-EG-BACKEND)%",
+                "response_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:response_model)%"),
+                "input_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:input_tokens)%"),
+                "output_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:output_tokens)%"),
+                "total_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:total_tokens)%"),
+                "cached_input_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:cached_input_tokens)%"),
+                "reasoning_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:reasoning_tokens)%"),
                 "status": "%RESPONSE_CODE%",
                 "details": "%RESPONSE_CODE_DETAILS%",
                 "flags": "%RESPONSE_FLAGS%",

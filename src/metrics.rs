@@ -1,99 +1,286 @@
 //! The gateway's Prometheus metrics, served on the admin port at `/metrics`.
 //!
-//! Every label value comes from a bounded set: endpoints and error codes are
-//! enums, backends come from the configuration. Client-chosen strings (model
-//! names) never become labels unless the configuration names them.
+//! Two families:
+//! - the OpenTelemetry GenAI metrics, under their Prometheus names
+//!   (`gen_ai_client_token_usage`, `gen_ai_server_request_duration_seconds`,
+//!   `gen_ai_server_time_to_first_token_seconds`,
+//!   `gen_ai_server_time_per_output_token_seconds`), labelled by request
+//!   model, response model, provider (backend), operation and outcome;
+//! - the gateway's own (`ai_gateway_*`): requests by outcome and error,
+//!   processing time per ext_proc phase, key and config reloads.
+//!
+//! Label cardinality is bounded. Endpoints, outcomes and error codes are
+//! fixed sets and backends come from the configuration. Model names come
+//! from clients and providers, so they pass through [`ModelLabels`]: the
+//! first [`MODEL_LABEL_BUDGET`] distinct names are kept, later ones become
+//! `other`, and a client sending random names cannot grow the registry.
 
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Distinct model names kept as label values.
+pub const MODEL_LABEL_BUDGET: usize = 100;
+/// The label value for models past the budget.
+pub const OTHER_MODEL: &str = "other";
+
+const GENAI_LABELS: &[&str] = &[
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+    "gen_ai_provider_name",
+    "gen_ai_operation_name",
+    "outcome",
+];
 
 /// All metrics, registered in one registry.
 pub struct Metrics {
     registry: Registry,
-    /// Requests by endpoint and outcome (`routed` or the error code).
+    /// Requests by endpoint, outcome (`routed`, `answered`, `rejected`) and
+    /// error code (empty unless rejected).
     pub requests: IntCounterVec,
     /// Upstream answers of 400 and above, by backend and status.
     pub upstream_errors: IntCounterVec,
-    /// Key file reads that changed or failed, by backend and result.
+    /// Tokens per request, by `gen_ai_token_type` (input, output,
+    /// cached_input, reasoning) and the GenAI labels.
+    pub token_usage: HistogramVec,
+    pub request_duration: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub time_per_output_token: HistogramVec,
+    /// Responses whose usage could not be read, by backend and reason.
+    pub usage_unavailable: IntCounterVec,
+    /// Time the processor spends on one message, by phase: the latency the
+    /// gateway adds on top of the round trip.
+    pub phase_duration: HistogramVec,
+    /// Key file reloads that changed or failed, by backend and result.
     pub key_reloads: IntCounterVec,
     /// Increments each time a backend's key changes.
     pub key_generation: IntGaugeVec,
     pub key_last_success: GaugeVec,
     /// Configuration reloads by result.
     pub config_reloads: IntCounterVec,
+    /// Keeps model label values bounded.
+    pub models: ModelLabels,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
 }
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let r = Registry::new();
+        let genai_token_labels: Vec<&str> = std::iter::once("gen_ai_token_type")
+            .chain(GENAI_LABELS.iter().copied())
+            .collect();
+        let metrics = Self {
+            requests: counter(
+                &r,
                 "ai_gateway_requests_total",
-                "Requests seen by the gateway, by endpoint and outcome.",
-            ),
-            &["endpoint", "outcome"],
-        )?;
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
+                "Requests seen by the gateway, by endpoint, outcome and error code.",
+                &["endpoint", "outcome", "error"],
+            )?,
+            upstream_errors: counter(
+                &r,
                 "ai_gateway_upstream_errors_total",
                 "Upstream responses with status 400 or above, by backend and status.",
-            ),
-            &["backend", "status"],
-        )?;
-        let key_reloads = IntCounterVec::new(
-            Opts::new(
+                &["backend", "status"],
+            )?,
+            // Buckets as the OpenTelemetry GenAI semantic conventions advise.
+            token_usage: histogram(
+                &r,
+                "gen_ai_client_token_usage",
+                "Tokens used per request, by token type.",
+                &genai_token_labels,
+                &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0],
+            )?,
+            request_duration: histogram(
+                &r,
+                "gen_ai_server_request_duration_seconds",
+                "Time from the request reaching the gateway to the end of the response.",
+                GENAI_LABELS,
+                &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
+            )?,
+            time_to_first_token: histogram(
+                &r,
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time from the request reaching the gateway to the first byte of a streamed response.",
+                GENAI_LABELS,
+                &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
+            )?,
+            time_per_output_token: histogram(
+                &r,
+                "gen_ai_server_time_per_output_token_seconds",
+                "Streamed responses: time after the first byte divided by the output tokens after the first.",
+                GENAI_LABELS,
+                &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5],
+            )?,
+            usage_unavailable: counter(
+                &r,
+                "ai_gateway_usage_unavailable_total",
+                "Successful responses whose token usage could not be read, by backend and reason.",
+                &["backend", "reason"],
+            )?,
+            phase_duration: histogram(
+                &r,
+                "ai_gateway_extproc_phase_duration_seconds",
+                "Processor time per ext_proc message, by phase.",
+                &["phase"],
+                &[5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2],
+            )?,
+            key_reloads: counter(
+                &r,
                 "ai_gateway_key_reloads_total",
                 "API key file reloads by backend and result (success or failure).",
-            ),
-            &["backend", "result"],
-        )?;
-        let key_generation = IntGaugeVec::new(
-            Opts::new(
-                "ai_gateway_key_generation",
-                "Number of distinct keys loaded for the backend since start.",
-            ),
-            &["backend"],
-        )?;
-        let key_last_success = GaugeVec::new(
-            Opts::new(
-                "ai_gateway_key_last_success_timestamp_seconds",
-                "Unix time of the last successful key load for the backend.",
-            ),
-            &["backend"],
-        )?;
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
+                &["backend", "result"],
+            )?,
+            key_generation: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "ai_gateway_key_generation",
+                        "Number of distinct keys loaded for the backend since start.",
+                    ),
+                    &["backend"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            key_last_success: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "ai_gateway_key_last_success_timestamp_seconds",
+                        "Unix time of the last successful key load for the backend.",
+                    ),
+                    &["backend"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            config_reloads: counter(
+                &r,
                 "ai_gateway_config_reloads_total",
                 "Configuration reloads by result.",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(upstream_errors.clone()))?;
-        registry.register(Box::new(key_reloads.clone()))?;
-        registry.register(Box::new(key_generation.clone()))?;
-        registry.register(Box::new(key_last_success.clone()))?;
-        registry.register(Box::new(config_reloads.clone()))?;
+                &["result"],
+            )?,
+            models: ModelLabels::new(MODEL_LABEL_BUDGET),
+            registry: r,
+        };
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
+        metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Self {
-            registry,
-            requests,
-            upstream_errors,
-            key_reloads,
-            key_generation,
-            key_last_success,
-            config_reloads,
-        })
+        Ok(metrics)
     }
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 * 1024);
+        let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// A bounded set of model names allowed as label values. Reads are one
+/// atomic load; the set is copied on insert, which happens at most
+/// `budget` times in the life of the process.
+pub struct ModelLabels {
+    seen: ArcSwap<HashSet<Arc<str>>>,
+    budget: usize,
+}
+
+impl ModelLabels {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            seen: ArcSwap::from_pointee(HashSet::new()),
+            budget,
+        }
+    }
+
+    /// `model` itself while within budget, else [`OTHER_MODEL`].
+    pub fn label<'a>(&self, model: &'a str) -> &'a str {
+        if self.seen.load().contains(model) {
+            return model;
+        }
+        let mut admitted = false;
+        self.seen.rcu(|seen| {
+            admitted = seen.contains(model) || seen.len() < self.budget;
+            if admitted && !seen.contains(model) {
+                let mut grown = HashSet::clone(seen);
+                grown.insert(Arc::from(model));
+                Arc::new(grown)
+            } else {
+                Arc::clone(seen)
+            }
+        });
+        if admitted {
+            model
+        } else {
+            OTHER_MODEL
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let labels = ModelLabels::new(3);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("c"), "c");
+        assert_eq!(labels.label("d"), OTHER_MODEL);
+        assert_eq!(labels.label("b"), "b");
+    }
+
+    #[test]
+    fn random_models_cannot_grow_the_registry() {
+        let m = Metrics::new().unwrap();
+        for i in 0..10_000 {
+            let model = m.models.label(&format!("random-{i}")).to_string();
+            m.request_duration
+                .with_label_values(&[model.as_str(), model.as_str(), "tars", "chat", "success"])
+                .observe(0.1);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("gen_ai_server_request_duration_seconds_count"))
+            .count();
+        assert_eq!(
+            series,
+            MODEL_LABEL_BUDGET + 1,
+            "one series per kept model, plus `other`"
+        );
     }
 }

@@ -1,11 +1,15 @@
 //! One HTTP exchange as the processor sees it: request headers, request
-//! body, response headers. Holds the per-request state between those phases
-//! and decides, at each, whether to forward (and how) or to answer itself.
+//! body, response headers, response body. Holds the per-request state
+//! between those phases and decides, at each, whether to forward (and how)
+//! or to answer itself.
 //!
 //! Envoy's processing mode for the filter (rendered by `envoy_config`):
 //! request headers SEND, request body BUFFERED, response headers SEND,
-//! everything else off. So a POST is seen as its headers, then its whole
-//! body in one message; a GET as its headers only.
+//! response body NONE unless this exchange asks for it. So a POST is seen
+//! as its headers, then its whole body in one message; a GET as its
+//! headers only. A successful provider response switches its own body to
+//! STREAMED, so each chunk passes through the processor on its way (read
+//! for usage, never held back or changed).
 //!
 //! Security rules enforced here, on every request that is forwarded:
 //! - the client's credentials and gateway-internal headers are removed;
@@ -14,6 +18,7 @@
 //! - a request that cannot be routed gets an immediate error, never a pass.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
@@ -22,9 +27,12 @@ use tonic::Status;
 
 use super::headers::{header, response_status, RequestHead};
 use super::reply::{self, set_header, Changes};
+use super::report::{self, Completion, Outcome};
 use super::{BACKEND_HEADER, MODEL_HEADER};
 use crate::openai::error::ApiError;
 use crate::openai::request::{rewrite_model, summarize};
+use crate::openai::response::{ResponseReader, Unreadable};
+use crate::openai::usage::Observed;
 use crate::openai::{models, Endpoint};
 use crate::routes::Backend;
 use crate::secret::ApiKey;
@@ -35,17 +43,45 @@ pub struct Exchange {
     state: Arc<GatewayState>,
     /// The configuration this request is served under, from start to end.
     snapshot: Arc<Snapshot>,
+    started: Instant,
     head: RequestHead,
     endpoint: Option<Endpoint>,
     /// Body chunks, kept only if Envoy sends the body in several messages.
     body: Vec<u8>,
     /// Set once the request is forwarded: whom it went to.
     forwarded: Option<Forwarded>,
+    response: Option<ResponseSeen>,
+    /// Set when the gateway answered itself.
+    answered: Option<(u16, Option<&'static str>)>,
+    /// The request line was logged and metrics recorded.
+    reported: bool,
 }
 
 struct Forwarded {
     backend: Arc<Backend>,
     model: Option<String>,
+    stream: bool,
+}
+
+struct ResponseSeen {
+    status: u16,
+    /// Present while a successful body is being read.
+    reader: Option<ResponseReader>,
+    first_byte: Option<Instant>,
+    /// What the finished body told; `Some` once the body ended.
+    observed: Option<Observed>,
+}
+
+/// Names of the phases, for the per-phase timing metric.
+fn phase_name(message: &ProcessingRequest) -> &'static str {
+    match message.request {
+        Some(Request::RequestHeaders(_)) => "request_headers",
+        Some(Request::RequestBody(_)) => "request_body",
+        Some(Request::ResponseHeaders(_)) => "response_headers",
+        Some(Request::ResponseBody(_)) => "response_body",
+        Some(Request::RequestTrailers(_)) | Some(Request::ResponseTrailers(_)) => "trailers",
+        None => "none",
+    }
 }
 
 impl Exchange {
@@ -54,33 +90,41 @@ impl Exchange {
         Self {
             state,
             snapshot,
+            started: Instant::now(),
             head: RequestHead::default(),
             endpoint: None,
             body: Vec::new(),
             forwarded: None,
+            response: None,
+            answered: None,
+            reported: false,
         }
     }
 
     /// Answers one message from Envoy. Every message gets exactly one answer.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
-        Ok(match message.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(h),
-            Some(Request::RequestBody(b)) => self.on_request_body(b),
-            Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
-            // Not requested by the shipped configuration; pass them through
-            // unchanged should an operator's configuration send them.
-            Some(Request::ResponseBody(_)) => reply::response_body(Changes::default()),
+        let started = Instant::now();
+        let phase = phase_name(&message);
+        let answer = match message.request {
+            Some(Request::RequestHeaders(h)) => Ok(self.on_request_headers(h)),
+            Some(Request::RequestBody(b)) => Ok(self.on_request_body(b)),
+            Some(Request::ResponseHeaders(h)) => Ok(self.on_response_headers(&h)),
+            Some(Request::ResponseBody(b)) => Ok(self.on_response_body(&b)),
             Some(Request::RequestTrailers(_)) | Some(Request::ResponseTrailers(_)) => {
-                return Err(Status::failed_precondition(
+                Err(Status::failed_precondition(
                     "ai-gateway-extproc does not process trailers; set the trailer modes to SKIP",
                 ))
             }
-            None => {
-                return Err(Status::invalid_argument(
-                    "ProcessingRequest without a request",
-                ))
-            }
-        })
+            None => Err(Status::invalid_argument(
+                "ProcessingRequest without a request",
+            )),
+        };
+        self.state
+            .metrics
+            .phase_duration
+            .with_label_values(&[phase])
+            .observe(started.elapsed().as_secs_f64());
+        answer
     }
 
     fn on_request_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
@@ -164,20 +208,14 @@ impl Exchange {
             ));
             changes.body = Some(rewritten);
         }
-        tracing::debug!(
-            request_id = %self.head.request_id,
-            model = %summary.model,
-            upstream_model = route.upstream_model.as_deref().unwrap_or(&summary.model),
-            backend = %route.backend.name,
-            stream = summary.stream,
-            "routing request"
-        );
+        self.count("routed", "");
+        let metadata = report::route_metadata(&route.backend.name, Some(&summary.model));
         self.forwarded = Some(Forwarded {
             backend: Arc::clone(&route.backend),
             model: Some(summary.model.into_owned()),
+            stream: summary.stream,
         });
-        self.count("routed");
-        reply::request_body(changes)
+        reply::with_metadata(reply::request_body(changes), metadata)
     }
 
     /// `GET /v1/models[/{id}]`: the catch-all backend's own answer if there
@@ -194,9 +232,13 @@ impl Exchange {
             self.forwarded = Some(Forwarded {
                 backend: Arc::clone(backend),
                 model: None,
+                stream: false,
             });
-            self.count("routed");
-            return reply::request_headers(changes);
+            self.count("routed", "");
+            return reply::with_metadata(
+                reply::request_headers(changes),
+                report::route_metadata(&backend.name, None),
+            );
         }
         let body = match endpoint {
             Endpoint::Model => {
@@ -208,19 +250,96 @@ impl Exchange {
             }
             _ => snapshot.model_list_json.clone(),
         };
-        self.count("answered");
+        self.count("answered", "");
+        self.answered = Some((200, None));
+        self.report(Outcome::Answered);
         reply::immediate(200, body, "application/json", "ai_gateway_model_list")
     }
 
     fn on_response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
-        if let (Some(status), Some(fwd)) = (response_status(h.headers.as_ref()), &self.forwarded) {
-            if status >= 400 {
-                let retry_after =
-                    header(h.headers.as_ref(), "retry-after").map(String::from_utf8_lossy);
-                self.log_upstream_error(fwd, status, retry_after.as_deref());
-            }
+        let headers = h.headers.as_ref();
+        let status = response_status(headers).unwrap_or(0);
+        let Some(fwd) = &self.forwarded else {
+            return reply::response_headers(Changes::default());
+        };
+        if status >= 400 {
+            let retry_after = header(headers, "retry-after").map(String::from_utf8_lossy);
+            self.log_upstream_error(fwd, status, retry_after.as_deref());
         }
-        reply::response_headers(Changes::default())
+        // Only inference responses carry usage; a model list is left alone.
+        let read_body = (200..300).contains(&status)
+            && !h.end_of_stream
+            && self.endpoint.is_some_and(Endpoint::has_model_body);
+        self.response = Some(ResponseSeen {
+            status,
+            reader: read_body.then(|| {
+                ResponseReader::new(
+                    header(headers, "content-type"),
+                    header(headers, "content-encoding"),
+                )
+            }),
+            first_byte: None,
+            observed: None,
+        });
+        if !read_body {
+            return reply::response_headers(Changes::default());
+        }
+        // Envoy sends the body in chunks from now on. `content-length` goes:
+        // the body is streamed through, and a stale length would cut it.
+        reply::stream_response_body(Changes {
+            remove: vec!["content-length".into()],
+            ..Changes::default()
+        })
+    }
+
+    fn on_response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+        let Some(response) = self.response.as_mut() else {
+            return reply::response_body(Changes::default());
+        };
+        if response.first_byte.is_none() && !chunk.body.is_empty() {
+            response.first_byte = Some(Instant::now());
+        }
+        if let Some(reader) = response.reader.as_mut() {
+            reader.push(&chunk.body);
+        }
+        if !chunk.end_of_stream {
+            return reply::response_body(Changes::default());
+        }
+        let observed = response.reader.take().map(ResponseReader::finish);
+        let backend = self.forwarded.as_ref().map(|f| f.backend.name.clone());
+        let observed = match (observed, backend) {
+            (Some(Ok(o)), Some(backend)) => {
+                if o.usage.is_empty() {
+                    self.usage_unavailable(&backend, "not_reported");
+                }
+                o
+            }
+            (Some(Err(e)), Some(backend)) => {
+                self.usage_unavailable(
+                    &backend,
+                    match e {
+                        Unreadable::Encoding => "encoding",
+                        Unreadable::Corrupt => "corrupt",
+                    },
+                );
+                Observed::default()
+            }
+            _ => Observed::default(),
+        };
+        let metadata = report::usage_metadata(&observed);
+        if let Some(r) = self.response.as_mut() {
+            r.observed = Some(observed);
+        }
+        self.report(Outcome::Success);
+        reply::with_metadata(reply::response_body(Changes::default()), metadata)
+    }
+
+    fn usage_unavailable(&self, backend: &str, reason: &str) {
+        self.state
+            .metrics
+            .usage_unavailable
+            .with_label_values(&[backend, reason])
+            .inc();
     }
 
     /// One clear line per upstream error, saying what the operator can do.
@@ -256,25 +375,71 @@ impl Exchange {
     }
 
     fn reject(&mut self, error: ApiError) -> ProcessingResponse {
-        tracing::debug!(
-            request_id = %self.head.request_id,
-            method = %self.head.method,
-            path = %self.head.path,
-            status = error.status,
-            code = error.code,
-            "request answered by the gateway"
-        );
-        self.count(error.code);
+        self.count("rejected", error.code);
+        self.answered = Some((error.status, Some(error.code)));
+        self.report(Outcome::Answered);
         reply::error(&error)
     }
 
-    fn count(&self, outcome: &str) {
+    fn count(&self, outcome: &str, error: &str) {
         let endpoint = self.endpoint.map_or("unknown", Endpoint::label);
         self.state
             .metrics
             .requests
-            .with_label_values(&[endpoint, outcome])
+            .with_label_values(&[endpoint, outcome, error])
             .inc();
+    }
+
+    /// Logs the request line and records metrics, once per exchange.
+    fn report(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let fwd = self.forwarded.as_ref();
+        let response = self.response.as_ref();
+        let (status, error) = match (self.answered, response) {
+            (Some((status, error)), _) => (Some(status), error),
+            (None, Some(r)) => (Some(r.status), None),
+            (None, None) => (None, None),
+        };
+        report::record(
+            &self.state.metrics,
+            &Completion {
+                request_id: &self.head.request_id,
+                method: &self.head.method,
+                path: &self.head.path,
+                endpoint: self.endpoint,
+                backend: fwd.map(|f| &*f.backend.name),
+                model: fwd.and_then(|f| f.model.as_deref()),
+                stream: fwd.is_some_and(|f| f.stream),
+                status,
+                error,
+                outcome,
+                observed: response.and_then(|r| r.observed.as_ref()),
+                duration: self.started.elapsed(),
+                time_to_first_byte: response
+                    .and_then(|r| r.first_byte)
+                    .map(|t| t - self.started),
+            },
+        );
+    }
+}
+
+impl Drop for Exchange {
+    /// Envoy closes the stream when the HTTP exchange is over: what has not
+    /// been reported yet is reported now, with how it ended.
+    fn drop(&mut self) {
+        if self.reported || self.head.method.is_empty() {
+            return;
+        }
+        let outcome = match &self.response {
+            Some(r) if r.status >= 400 => Outcome::UpstreamError,
+            // The body was being read and never ended: cut short.
+            Some(r) if r.reader.is_some() => Outcome::Cancelled,
+            Some(_) => Outcome::Success,
+            None => Outcome::Cancelled,
+        };
+        self.report(outcome);
     }
 }
 

@@ -8,6 +8,7 @@ mod exchange;
 mod headers;
 pub mod listener;
 mod reply;
+pub mod report;
 mod service;
 
 pub use exchange::Exchange;

@@ -7,6 +7,9 @@
 pub mod error;
 pub mod models;
 pub mod request;
+pub mod response;
+pub mod sse;
+pub mod usage;
 
 /// The API endpoints the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

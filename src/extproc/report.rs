@@ -1,0 +1,195 @@
+//! What is recorded when an exchange ends: one log line, the GenAI metrics,
+//! and the token counts as Envoy dynamic metadata (namespace
+//! [`METADATA_NAMESPACE`]), where Envoy's access log and rate limiting can
+//! read them.
+
+use std::time::Duration;
+
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+
+use crate::metrics::Metrics;
+use crate::openai::usage::{Observed, TokenUsage};
+use crate::openai::Endpoint;
+
+/// The dynamic metadata namespace the gateway writes in Envoy.
+pub const METADATA_NAMESPACE: &str = "io.envoy.ai_gateway";
+
+/// How an exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider answered with a success status and the body ended.
+    Success,
+    /// The provider answered 400 or above.
+    UpstreamError,
+    /// The stream ended before the response did (client gone, reset).
+    Cancelled,
+    /// The gateway answered itself (model list or an error).
+    Answered,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::UpstreamError => "upstream_error",
+            Self::Cancelled => "cancelled",
+            Self::Answered => "answered",
+        }
+    }
+}
+
+/// Everything known about an exchange when it ends.
+pub struct Completion<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub endpoint: Option<Endpoint>,
+    pub backend: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub stream: bool,
+    pub status: Option<u16>,
+    /// The gateway's own error code, when it answered with an error.
+    pub error: Option<&'static str>,
+    pub outcome: Outcome,
+    pub observed: Option<&'a Observed>,
+    pub duration: Duration,
+    pub time_to_first_byte: Option<Duration>,
+}
+
+/// Logs the request line and records the GenAI metrics.
+pub fn record(metrics: &Metrics, c: &Completion<'_>) {
+    let usage = c.observed.map(|o| o.usage).unwrap_or_default();
+    let response_model = c.observed.and_then(|o| o.model.as_deref());
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    tracing::info!(
+        request_id = c.request_id,
+        method = c.method,
+        path = c.path,
+        model = c.model.unwrap_or("-"),
+        response_model = response_model.unwrap_or("-"),
+        backend = c.backend.unwrap_or("-"),
+        status = c.status.unwrap_or(0),
+        error = c.error.unwrap_or("-"),
+        outcome = c.outcome.label(),
+        stream = c.stream,
+        input_tokens = usage.input,
+        output_tokens = usage.output,
+        cached_input_tokens = usage.cached_input,
+        reasoning_tokens = usage.reasoning,
+        duration_ms = ms(c.duration),
+        ttfb_ms = c.time_to_first_byte.map(ms),
+        "request"
+    );
+
+    let (Some(backend), Some(endpoint)) = (c.backend, c.endpoint) else {
+        return; // answered by the gateway: no provider, no GenAI metrics
+    };
+    let request_model = metrics.models.label(c.model.unwrap_or("-"));
+    let response_model = metrics
+        .models
+        .label(response_model.unwrap_or(request_model));
+    let labels = [
+        request_model,
+        response_model,
+        backend,
+        endpoint.operation(),
+        c.outcome.label(),
+    ];
+    metrics
+        .request_duration
+        .with_label_values(&labels)
+        .observe(c.duration.as_secs_f64());
+    if let (true, Some(ttfb)) = (c.stream, c.time_to_first_byte) {
+        metrics
+            .time_to_first_token
+            .with_label_values(&labels)
+            .observe(ttfb.as_secs_f64());
+        if let Some(output) = usage.output.filter(|o| *o > 1) {
+            let generating = c.duration.saturating_sub(ttfb).as_secs_f64();
+            metrics
+                .time_per_output_token
+                .with_label_values(&labels)
+                .observe(generating / (output - 1) as f64);
+        }
+    }
+    for (kind, count) in [
+        ("input", usage.input),
+        ("output", usage.output),
+        ("cached_input", usage.cached_input),
+        ("reasoning", usage.reasoning),
+    ] {
+        if let Some(n) = count {
+            let [a, b, c, d, e] = labels;
+            metrics
+                .token_usage
+                .with_label_values(&[kind, a, b, c, d, e])
+                .observe(n as f64);
+        }
+    }
+}
+
+/// Dynamic metadata naming the route: set when the request is forwarded.
+pub fn route_metadata(backend: &str, model: Option<&str>) -> Struct {
+    let mut fields = vec![("backend", string(backend))];
+    if let Some(m) = model {
+        fields.push(("model", string(m)));
+    }
+    namespaced(fields)
+}
+
+/// Dynamic metadata with the token counts: set when the response ends.
+pub fn usage_metadata(observed: &Observed) -> Struct {
+    let TokenUsage {
+        input,
+        output,
+        cached_input,
+        reasoning,
+        ..
+    } = observed.usage;
+    let mut fields = Vec::new();
+    for (key, value) in [
+        ("input_tokens", input),
+        ("output_tokens", output),
+        ("total_tokens", observed.usage.total()),
+        ("cached_input_tokens", cached_input),
+        ("reasoning_tokens", reasoning),
+    ] {
+        if let Some(n) = value {
+            fields.push((key, number(n)));
+        }
+    }
+    if let Some(m) = &observed.model {
+        fields.push(("response_model", string(m)));
+    }
+    namespaced(fields)
+}
+
+fn namespaced(fields: Vec<(&str, Value)>) -> Struct {
+    let inner = Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    };
+    Struct {
+        fields: [(
+            METADATA_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into(),
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn number(n: u64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n as f64)),
+    }
+}

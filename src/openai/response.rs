@@ -1,0 +1,255 @@
+//! Reads a provider's response body as it streams past the gateway, to
+//! learn the response model and token usage, without ever holding it back.
+//!
+//! Compressed bodies (`gzip`, `deflate`) are decoded incrementally: each byte
+//! is decoded once, as its chunk passes. `text/event-stream` bodies are split
+//! into events across chunk boundaries and each event's JSON is read; other
+//! bodies are JSON, kept whole up to [`FULL_JSON_BYTES`] and beyond that as a
+//! head and a tail window (usage comes last), so memory stays bounded.
+
+use std::io::Write;
+
+use flate2::write::{GzDecoder, ZlibDecoder};
+
+use super::sse::SseParser;
+use super::usage::{observe, observe_window, Observed};
+
+/// JSON bodies up to this size are parsed whole.
+pub const FULL_JSON_BYTES: usize = 4 * 1024 * 1024;
+const HEAD_BYTES: usize = 16 * 1024;
+const TAIL_BYTES: usize = 64 * 1024;
+
+/// Why usage could not be read from a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// A `content-encoding` the gateway does not decode (e.g. `br`).
+    Encoding,
+    /// The compressed stream was corrupt.
+    Corrupt,
+}
+
+/// Per-response reading state.
+pub struct ResponseReader {
+    decoder: Decoder,
+    body: Body,
+    observed: Observed,
+    unreadable: Option<Unreadable>,
+}
+
+enum Decoder {
+    Identity,
+    Gzip(GzDecoder<Vec<u8>>),
+    Deflate(ZlibDecoder<Vec<u8>>),
+    Unsupported,
+}
+
+enum Body {
+    Events(SseParser),
+    Json(JsonWindow),
+}
+
+impl ResponseReader {
+    /// A reader for a response with these `content-type` and
+    /// `content-encoding` header values.
+    pub fn new(content_type: Option<&[u8]>, content_encoding: Option<&[u8]>) -> Self {
+        let is_sse = content_type.is_some_and(|ct| {
+            ct.len() >= 17 && ct[..17].eq_ignore_ascii_case(b"text/event-stream")
+        });
+        let decoder = match content_encoding.map(<[u8]>::trim_ascii) {
+            None | Some(b"") | Some(b"identity") => Decoder::Identity,
+            Some(e) if e.eq_ignore_ascii_case(b"gzip") || e.eq_ignore_ascii_case(b"x-gzip") => {
+                Decoder::Gzip(GzDecoder::new(Vec::new()))
+            }
+            Some(e) if e.eq_ignore_ascii_case(b"deflate") => {
+                Decoder::Deflate(ZlibDecoder::new(Vec::new()))
+            }
+            Some(_) => Decoder::Unsupported,
+        };
+        let unreadable = matches!(decoder, Decoder::Unsupported).then_some(Unreadable::Encoding);
+        Self {
+            decoder,
+            body: if is_sse {
+                Body::Events(SseParser::new())
+            } else {
+                Body::Json(JsonWindow::default())
+            },
+            observed: Observed::default(),
+            unreadable,
+        }
+    }
+
+    pub fn is_event_stream(&self) -> bool {
+        matches!(self.body, Body::Events(_))
+    }
+
+    /// Reads one chunk of the body as it was on the wire.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.unreadable.is_some() || chunk.is_empty() {
+            return;
+        }
+        let decoded = match &mut self.decoder {
+            Decoder::Identity => {
+                Self::consume(&mut self.body, &mut self.observed, chunk);
+                return;
+            }
+            Decoder::Gzip(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
+            Decoder::Deflate(d) => d.write_all(chunk).map(|()| std::mem::take(d.get_mut())),
+            Decoder::Unsupported => return,
+        };
+        match decoded {
+            Ok(plain) => Self::consume(&mut self.body, &mut self.observed, &plain),
+            Err(_) => self.unreadable = Some(Unreadable::Corrupt),
+        }
+    }
+
+    /// Ends the body and tells what it said.
+    pub fn finish(mut self) -> Result<Observed, Unreadable> {
+        let rest = match &mut self.decoder {
+            Decoder::Gzip(d) => Some(d.try_finish().map(|()| std::mem::take(d.get_mut()))),
+            Decoder::Deflate(d) => Some(d.try_finish().map(|()| std::mem::take(d.get_mut()))),
+            Decoder::Identity | Decoder::Unsupported => None,
+        };
+        if let Some(e) = self.unreadable {
+            return Err(e);
+        }
+        match rest {
+            Some(Ok(plain)) => Self::consume(&mut self.body, &mut self.observed, &plain),
+            Some(Err(_)) => return Err(Unreadable::Corrupt),
+            None => {}
+        }
+        if let Body::Json(window) = self.body {
+            self.observed.merge(window.observe());
+        }
+        Ok(self.observed)
+    }
+
+    fn consume(body: &mut Body, observed: &mut Observed, plain: &[u8]) {
+        match body {
+            Body::Events(parser) => parser.push(plain, &mut |data| {
+                // Only events that can carry news are parsed: every chunk
+                // names the model, but it is read once; usage is rarer.
+                let wants_model = observed.model.is_none();
+                if wants_model || memchr::memmem::find(data, b"\"usage\"").is_some() {
+                    observed.merge(observe(data));
+                }
+            }),
+            Body::Json(window) => window.push(plain),
+        }
+    }
+}
+
+/// A JSON body: whole while small, else its head and a sliding tail.
+#[derive(Default)]
+struct JsonWindow {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    windowed: bool,
+}
+
+impl JsonWindow {
+    fn push(&mut self, plain: &[u8]) {
+        if !self.windowed && self.head.len() + plain.len() <= FULL_JSON_BYTES {
+            self.head.extend_from_slice(plain);
+            return;
+        }
+        if !self.windowed {
+            self.windowed = true;
+            self.tail = self.head.split_off(HEAD_BYTES.min(self.head.len()));
+            self.head.shrink_to_fit();
+        }
+        self.tail.extend_from_slice(plain);
+        // Trim in steps, not per chunk, so each byte is moved a bounded
+        // number of times.
+        if self.tail.len() > 2 * TAIL_BYTES {
+            self.tail.drain(..self.tail.len() - TAIL_BYTES);
+        }
+    }
+
+    fn observe(self) -> Observed {
+        if self.windowed {
+            observe_window(&self.head, &self.tail)
+        } else {
+            observe(&self.head)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+
+    const SSE: &str = concat!(
+        "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":2},\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    fn read(reader: &mut ResponseReader, body: &[u8], piece: usize) {
+        for chunk in body.chunks(piece) {
+            reader.push(chunk);
+        }
+    }
+
+    #[test]
+    fn sse_usage_from_last_chunk_whatever_the_chunking() {
+        for piece in [1, 7, 64, SSE.len()] {
+            let mut r = ResponseReader::new(Some(b"text/event-stream; charset=utf-8"), None);
+            assert!(r.is_event_stream());
+            read(&mut r, SSE.as_bytes(), piece);
+            let o = r.finish().unwrap();
+            assert_eq!(o.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+            assert_eq!(
+                (o.usage.input, o.usage.output, o.usage.total),
+                (Some(9), Some(4), Some(13))
+            );
+            assert_eq!(
+                (o.usage.cached_input, o.usage.reasoning),
+                (Some(2), Some(1))
+            );
+        }
+    }
+
+    #[test]
+    fn gzip_is_decoded_incrementally() {
+        let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(SSE.as_bytes()).unwrap();
+        let gz = enc.finish().unwrap();
+        let mut r = ResponseReader::new(Some(b"text/event-stream"), Some(b"gzip"));
+        read(&mut r, &gz, 5);
+        assert_eq!(r.finish().unwrap().usage.total, Some(13));
+    }
+
+    #[test]
+    fn json_small_and_large() {
+        let small = br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        let mut r = ResponseReader::new(Some(b"application/json"), None);
+        read(&mut r, small, 10);
+        let o = r.finish().unwrap();
+        assert_eq!((o.model.as_deref(), o.usage.total()), (Some("m"), Some(5)));
+
+        let mut big = br#"{"object":"list","data":[{"embedding":["#.to_vec();
+        while big.len() < FULL_JSON_BYTES + 100_000 {
+            big.extend_from_slice(b"0.0123,");
+        }
+        big.extend_from_slice(
+            br#"0.1]}],"model":"emb","usage":{"prompt_tokens":11,"total_tokens":11}}"#,
+        );
+        let mut r = ResponseReader::new(Some(b"application/json"), None);
+        read(&mut r, &big, 16 * 1024);
+        let o = r.finish().unwrap();
+        assert_eq!((o.model.as_deref(), o.usage.input), (Some("emb"), Some(11)));
+    }
+
+    #[test]
+    fn unsupported_or_corrupt_encoding_is_reported() {
+        let mut r = ResponseReader::new(Some(b"application/json"), Some(b"br"));
+        r.push(b"\x1b\x00");
+        assert_eq!(r.finish().unwrap_err(), Unreadable::Encoding);
+        let mut r = ResponseReader::new(Some(b"application/json"), Some(b"gzip"));
+        r.push(b"this is not gzip at all");
+        assert_eq!(r.finish().unwrap_err(), Unreadable::Corrupt);
+    }
+}
