@@ -71,7 +71,9 @@ impl ExtProcListener {
         }
     }
 
-    /// Serves `service` until `shutdown` resolves and open streams finish.
+    /// Serves `service`, and the gRPC health service beside it, until
+    /// `shutdown` resolves and open streams finish. Health says SERVING
+    /// until shutdown starts, then NOT_SERVING while streams drain.
     pub async fn serve(
         self,
         service: ExtProcService,
@@ -82,10 +84,24 @@ impl ExtProcListener {
         let grpc = ExternalProcessorServer::new(service)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ExternalProcessorServer<ExtProcService>>()
+            .await;
+        let shutdown = async move {
+            shutdown.await;
+            health
+                .set_not_serving::<ExternalProcessorServer<ExtProcService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        };
         let server = Server::builder()
             // Envoy keeps its connection for good; pings find a dead peer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
             .add_service(grpc);
         match self {
             Self::Tcp(listener) => {

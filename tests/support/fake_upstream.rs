@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
@@ -17,6 +19,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Router;
 use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
 
 /// One request as the provider received it.
 #[derive(Debug, Clone)]
@@ -58,6 +62,10 @@ struct Inner {
     name: String,
     recorded: Mutex<Vec<Recorded>>,
     canned: Mutex<Option<Canned>>,
+    /// Streams wait on this after their first event, when set.
+    gate: Mutex<Option<Arc<Notify>>>,
+    /// Compress responses with gzip (streams flushed per event).
+    gzip: AtomicBool,
 }
 
 /// A running fake provider.
@@ -81,6 +89,8 @@ impl FakeUpstream {
             name: name.to_string(),
             recorded: Mutex::new(Vec::new()),
             canned: Mutex::new(None),
+            gate: Mutex::new(None),
+            gzip: AtomicBool::new(false),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -114,6 +124,19 @@ impl FakeUpstream {
         self.inner.recorded.lock().unwrap().clear();
     }
 
+    /// Makes every following stream send its first event, then wait until
+    /// the returned `Notify` is notified before sending the rest.
+    pub fn hold_streams_after_first_event(&self) -> Arc<Notify> {
+        let gate = Arc::new(Notify::new());
+        *self.inner.gate.lock().unwrap() = Some(Arc::clone(&gate));
+        gate
+    }
+
+    /// Compresses following responses with gzip (`content-encoding: gzip`).
+    pub fn set_gzip(&self, on: bool) {
+        self.inner.gzip.store(on, Ordering::Relaxed);
+    }
+
     /// Answers every following request with `canned` (None: normal again).
     pub fn set_canned(&self, canned: Option<Canned>) {
         *self.inner.canned.lock().unwrap() = canned;
@@ -145,15 +168,18 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let request = recorded.json();
     let model = request["model"].as_str().unwrap_or("unknown").to_string();
     let name = &inner.name;
+    let gzip = inner.gzip.load(Ordering::Relaxed);
     let answer = match (recorded.method.as_str(), recorded.path.as_str()) {
-        ("GET", "/v1/models") => return json_response(StatusCode::OK, MODEL_LIST.to_string(), name),
+        ("GET", "/v1/models") => return json_response(StatusCode::OK, MODEL_LIST.to_string(), name, false),
         ("POST", "/v1/chat/completions") if request["stream"] == json!(true) => {
-            return sse_response(&model, name, request["stream_options"]["include_usage"] == json!(true));
+            let gate = inner.gate.lock().unwrap().clone();
+            let include_usage = request["stream_options"]["include_usage"] == json!(true);
+            return sse_response(&model, name, include_usage, gate, gzip);
         }
         ("POST", "/v1/chat/completions") => json!({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {name}.")}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+            "usage": usage(),
         }),
         ("POST", "/v1/completions") => json!({
             "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
@@ -180,17 +206,37 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                 StatusCode::NOT_FOUND,
                 json!({"error": {"message": "fake upstream: no such path", "type": "invalid_request_error", "code": "not_found"}}).to_string(),
                 name,
+                false,
             )
         }
     };
-    json_response(StatusCode::OK, answer.to_string(), name)
+    json_response(StatusCode::OK, answer.to_string(), name, gzip)
 }
 
-fn json_response(status: StatusCode, body: String, name: &str) -> Response {
+/// The usage the fake reports for a chat, with the detail fields OpenAI
+/// sends (prompt cache hits, reasoning tokens).
+pub fn usage() -> Value {
+    json!({"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+           "prompt_tokens_details": {"cached_tokens": 2},
+           "completion_tokens_details": {"reasoning_tokens": 1}})
+}
+
+fn json_response(status: StatusCode, body: String, name: &str, gzip: bool) -> Response {
+    let body = if gzip {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(body.as_bytes()).unwrap();
+        enc.finish().unwrap()
+    } else {
+        body.into_bytes()
+    };
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
+    if gzip {
+        r.headers_mut()
+            .insert("content-encoding", HeaderValue::from_static("gzip"));
+    }
     r.headers_mut().insert(
         HeaderName::from_static("x-fake-upstream"),
         HeaderValue::from_str(name).unwrap(),
@@ -200,10 +246,22 @@ fn json_response(status: StatusCode, body: String, name: &str) -> Response {
 
 /// The SSE stream a provider sends for `stream: true`: role, two content
 /// deltas, a finish chunk, the usage chunk (empty choices) if asked, [DONE].
-fn sse_response(model: &str, name: &str, include_usage: bool) -> Response {
+/// With a gate, the stream waits after its first event until notified.
+fn sse_response(
+    model: &str,
+    name: &str,
+    include_usage: bool,
+    gate: Option<Arc<Notify>>,
+    gzip: bool,
+) -> Response {
     let chunk = |delta: Value, finish: Value| {
-        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        let mut c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                           "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if include_usage {
+            // As OpenAI does: every chunk carries `usage`, null but the last.
+            c["usage"] = Value::Null;
+        }
+        c
     };
     let mut events = vec![
         chunk(json!({"role": "assistant", "content": ""}), Value::Null),
@@ -212,19 +270,52 @@ fn sse_response(model: &str, name: &str, include_usage: bool) -> Response {
         chunk(json!({}), json!("stop")),
     ];
     if include_usage {
-        events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-                           "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}));
+        events.push(
+            json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                           "model": model, "choices": [], "usage": usage()}),
+        );
     }
-    let mut frames: Vec<Result<Bytes, Infallible>> = events
+    let mut frames: Vec<Vec<u8>> = events
         .into_iter()
-        .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
+        .map(|e| format!("data: {e}\n\n").into_bytes())
         .collect();
-    frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-    let mut r = Response::new(Body::from_stream(tokio_stream::iter(frames)));
+    frames.push(b"data: [DONE]\n\n".to_vec());
+    if gzip {
+        // One gzip stream, flushed after each event so that every frame is
+        // decodable as it arrives, as a streaming server sends it.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let last = frames.len() - 1;
+        for (i, frame) in frames.iter_mut().enumerate() {
+            enc.write_all(frame).unwrap();
+            enc.flush().unwrap();
+            if i == last {
+                enc.try_finish().unwrap();
+            }
+            *frame = std::mem::take(enc.get_mut());
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    tokio::spawn(async move {
+        let mut frames = frames.into_iter();
+        if let Some(first) = frames.next() {
+            let _ = tx.send(Ok(Bytes::from(first))).await;
+        }
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
+        for frame in frames {
+            let _ = tx.send(Ok(Bytes::from(frame))).await;
+        }
+    });
+    let mut r = Response::new(Body::from_stream(ReceiverStream::new(rx)));
     r.headers_mut().insert(
         "content-type",
         HeaderValue::from_static("text/event-stream"),
     );
+    if gzip {
+        r.headers_mut()
+            .insert("content-encoding", HeaderValue::from_static("gzip"));
+    }
     r.headers_mut().insert(
         HeaderName::from_static("x-fake-upstream"),
         HeaderValue::from_str(name).unwrap(),

@@ -145,6 +145,7 @@ pub struct GatewayBuilder {
     extra: String,
     layout: KeyLayout,
     tcp_extproc: bool,
+    args: Vec<String>,
 }
 
 impl Default for GatewayBuilder {
@@ -155,6 +156,7 @@ impl Default for GatewayBuilder {
             extra: String::new(),
             layout: KeyLayout::File,
             tcp_extproc: false,
+            args: vec!["--log-level".into(), "trace".into()],
         }
     }
 }
@@ -191,6 +193,13 @@ impl GatewayBuilder {
 
     pub fn key_layout(mut self, layout: KeyLayout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// Command-line arguments for the processor, instead of the default
+    /// `--log-level trace`.
+    pub fn extproc_args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|a| a.to_string()).collect();
         self
     }
 
@@ -244,7 +253,7 @@ impl GatewayBuilder {
         let mut cmd = Command::new(extproc_bin());
         cmd.arg("--config")
             .arg(&config_path)
-            .args(["--log-level", "trace"])
+            .args(&self.args)
             .stdout(fs::File::create(&extproc_log).unwrap())
             .stderr(fs::File::create(root.join("extproc.stderr")).unwrap());
         let extproc = ChildGuard::spawn("ai-gateway-extproc", cmd);
@@ -263,7 +272,12 @@ impl GatewayBuilder {
         let envoy_yaml = root.join("envoy.yaml");
         fs::write(&envoy_yaml, &rendered.stdout).unwrap();
 
+        let extproc_addr = match extproc_listen.strip_prefix("unix:") {
+            Some(_) => String::new(),
+            None => extproc_listen.clone(),
+        };
         let mut gw = Gateway {
+            extproc_addr,
             url: String::new(),
             admin_url: String::new(),
             envoy_admin_url: String::new(),
@@ -287,6 +301,8 @@ pub struct Gateway {
     pub url: String,
     /// The extproc's admin server.
     pub admin_url: String,
+    /// The extproc's gRPC address when it serves TCP (`tcp_extproc`).
+    pub extproc_addr: String,
     pub envoy_admin_url: String,
     pub extproc_log: PathBuf,
     pub envoy_log: PathBuf,
@@ -348,11 +364,14 @@ impl Gateway {
                 .lines()
                 .find(|l| l.contains("ai-gateway-extproc started"))
             {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("admin="))
-                    .unwrap_or_else(|| panic!("no admin= in start line: {line}"));
-                return addr.to_string();
+                let addr = match serde_json::from_str::<serde_json::Value>(line) {
+                    Ok(json) => json["admin"].as_str().map(str::to_owned),
+                    Err(_) => line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("admin="))
+                        .map(str::to_owned),
+                };
+                return addr.unwrap_or_else(|| panic!("no admin address in start line: {line}"));
             }
             if let Some(status) = self.extproc().try_status() {
                 panic!("ai-gateway-extproc exited with {status} before starting:\n{logs}");

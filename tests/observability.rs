@@ -1,0 +1,321 @@
+//! What an operator sees, through the real Envoy: token counts in the
+//! metrics, the request log line and Envoy's access log; JSON logs; the
+//! gRPC health service; a drain on SIGTERM that lets streams finish; and no
+//! key in any log line at trace level.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{chat, client, rename_key, Canned, FakeUpstream, Gateway};
+use tokio_stream::StreamExt;
+
+fn streamed(model: &str) -> Value {
+    let mut body = chat(model);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body
+}
+
+/// The value of the first metric line starting with `prefix` and holding
+/// every one of `labels`.
+fn metric(text: &str, prefix: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && labels.iter().all(|lab| l.contains(lab)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits for Envoy's access log (flushed about once a second) to hold a
+/// line containing `needle`.
+async fn access_log_line(gw: &Gateway, needle: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let logs = gw.envoy_logs();
+        if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+            return serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line with {needle}:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::catch_all(&up, Some("sk-secret-tars")).await;
+
+    let reply = gw
+        .request(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            streamed("gpt-4o-mini").to_string(),
+            &[("x-request-id", "req-stream-1")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+
+    let m = gw.admin_get("/metrics").await.text();
+    let genai = [
+        r#"gen_ai_request_model="gpt-4o-mini""#,
+        r#"gen_ai_response_model="gpt-4o-mini""#,
+        r#"gen_ai_provider_name="tars""#,
+        r#"gen_ai_operation_name="chat""#,
+        r#"outcome="success""#,
+    ];
+    for (kind, count) in [
+        ("input", 9.0),
+        ("output", 4.0),
+        ("cached_input", 2.0),
+        ("reasoning", 1.0),
+    ] {
+        let token_type = format!(r#"gen_ai_token_type="{kind}""#);
+        let labels: Vec<&str> = genai.iter().copied().chain([token_type.as_str()]).collect();
+        assert_eq!(
+            metric(&m, "gen_ai_client_token_usage_sum", &labels),
+            Some(count),
+            "{kind}:\n{m}"
+        );
+    }
+    for name in [
+        "gen_ai_server_request_duration_seconds_count",
+        "gen_ai_server_time_to_first_token_seconds_count",
+        "gen_ai_server_time_per_output_token_seconds_count",
+    ] {
+        assert_eq!(metric(&m, name, &genai), Some(1.0), "{name}:\n{m}");
+    }
+    for phase in [
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+    ] {
+        let label = format!(r#"phase="{phase}""#);
+        assert!(
+            metric(
+                &m,
+                "ai_gateway_extproc_phase_duration_seconds_count",
+                &[&label]
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "{phase}:\n{m}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &m,
+            "ai_gateway_requests_total",
+            &[r#"endpoint="chat_completions""#, r#"outcome="routed""#]
+        ),
+        Some(1.0)
+    );
+
+    // One request line in the processor's log, with the counts.
+    let logs = gw.extproc_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("req-stream-1") && l.contains(" request "))
+        .unwrap_or_else(|| panic!("no request line:\n{logs}"));
+    for field in [
+        r#"model="gpt-4o-mini""#,
+        r#"backend="tars""#,
+        "status=200",
+        r#"outcome="success""#,
+        "stream=true",
+        "input_tokens=9",
+        "output_tokens=4",
+        "cached_input_tokens=2",
+        "reasoning_tokens=1",
+        "duration_ms=",
+        "ttfb_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+
+    // Envoy's access log carries the counts too (dynamic metadata).
+    let entry = access_log_line(&gw, "req-stream-1").await;
+    assert_eq!(entry["backend"], "tars");
+    assert_eq!(entry["model"], "gpt-4o-mini");
+    assert_eq!(entry["input_tokens"], 9);
+    assert_eq!(entry["output_tokens"], 4);
+    assert_eq!(entry["total_tokens"], 13);
+    assert_eq!(entry["cached_input_tokens"], 2);
+    assert_eq!(entry["response_model"], "gpt-4o-mini");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_have_one_line_per_request_and_no_key_at_trace_level() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::builder()
+        .backend("tars", &up.url(), Some("sk-first-secret"))
+        .model("*", "tars")
+        .extproc_args(&["--log-level", "trace", "--log-format", "json"])
+        .start()
+        .await;
+
+    let ids = ["req-a", "req-b", "req-c", "req-d"];
+    gw.request(
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        chat("m").to_string(),
+        &[("x-request-id", ids[0])],
+    )
+    .await;
+    gw.request(
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        streamed("m").to_string(),
+        &[("x-request-id", ids[1])],
+    )
+    .await;
+    gw.request(
+        reqwest::Method::POST,
+        "/v1/nope",
+        "{}",
+        &[("x-request-id", ids[2])],
+    )
+    .await;
+    rename_key(&gw.key_file("tars"), "sk-second-secret");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    up.set_canned(Some(Canned {
+        status: 401,
+        headers: vec![],
+        body: "{}".into(),
+    }));
+    gw.request(
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        chat("m").to_string(),
+        &[
+            ("x-request-id", ids[3]),
+            ("authorization", "Bearer sk-client-secret"),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let logs = gw.extproc_logs();
+    let mut request_lines = Vec::new();
+    for line in logs.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if v["message"] == "request" {
+            request_lines.push(v);
+        }
+    }
+    for id in ids {
+        let n = request_lines
+            .iter()
+            .filter(|v| v["request_id"] == id)
+            .count();
+        assert_eq!(n, 1, "{id} has {n} request lines:\n{logs}");
+    }
+    let refused = request_lines
+        .iter()
+        .find(|v| v["request_id"] == "req-c")
+        .unwrap();
+    assert_eq!(
+        (refused["status"].as_u64(), refused["error"].as_str()),
+        (Some(404), Some("unknown_url"))
+    );
+    let rejected = request_lines
+        .iter()
+        .find(|v| v["request_id"] == "req-d")
+        .unwrap();
+    assert_eq!(rejected["outcome"], "upstream_error");
+
+    let envoy = gw.envoy_logs();
+    for secret in ["sk-first-secret", "sk-second-secret", "sk-client-secret"] {
+        assert!(!logs.contains(secret), "{secret} in the processor's logs");
+        assert!(!envoy.contains(secret), "{secret} in Envoy's logs");
+    }
+    assert!(
+        logs.lines().filter(|l| l.contains("\"TRACE\"")).count() > 10,
+        "trace logging was not on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_service_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::builder()
+        .tcp_extproc()
+        .backend("tars", &up.url(), Some("k"))
+        .model("*", "tars")
+        .start()
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.extproc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "envoy.service.ext_proc.v3.ExternalProcessor"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_open_stream_finish() {
+    let up = FakeUpstream::start("tars").await;
+    let mut gw = Gateway::catch_all(&up, Some("k")).await;
+    let gate = up.hold_streams_after_first_event();
+
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("content-type", "application/json")
+        .body(streamed("gpt-4o-mini").to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+
+    // The stream is open through the processor: stop it now.
+    let pid = gw.extproc().pid() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.extproc_logs().contains("shutting down") {
+        assert!(Instant::now() < deadline, "no shutdown log line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gw.extproc().try_status().is_none(),
+        "exited with a stream still open"
+    );
+
+    gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream was cut"));
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    let status = gw
+        .extproc()
+        .terminate(Duration::from_secs(10))
+        .expect("did not exit after the drain");
+    assert!(status.success(), "{status}");
+    assert!(gw.extproc_logs().contains(r#"outcome="success""#));
+}
