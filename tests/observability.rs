@@ -319,3 +319,49 @@ async fn sigterm_lets_an_open_stream_finish() {
     assert!(status.success(), "{status}");
     assert!(gw.extproc_logs().contains(r#"outcome="success""#));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_leaving_mid_stream_is_logged_as_cancelled() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::catch_all(&up, Some("k")).await;
+    let _gate = up.hold_streams_after_first_event();
+
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-leaves")
+        .body(streamed("gpt-4o-mini").to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body); // the client goes away with the stream open
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = gw.extproc_logs();
+        if let Some(line) = logs
+            .lines()
+            .find(|l| l.contains("req-leaves") && l.contains(" request "))
+        {
+            assert!(line.contains(r#"outcome="cancelled""#), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request line for the cancelled stream:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = gw.admin_get("/metrics").await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "gen_ai_server_request_duration_seconds_count",
+            &[r#"outcome="cancelled""#]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
