@@ -88,6 +88,8 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .map(|r| format!("deploy/kubernetes/{}", r.as_str().unwrap()))
         .collect();
     assert!(files.len() >= 2, "{files:?}");
+    // Not a kustomize resource (it would overwrite the key), but shipped.
+    files.push("deploy/kubernetes/secret.example.yaml".into());
     for generator in kustomization["configMapGenerator"].as_array().unwrap() {
         for file in generator["files"].as_array().unwrap() {
             let path = repo_root()
@@ -145,11 +147,16 @@ fn kubernetes_pod_is_a_hardened_envoy_with_its_sidecar() {
     assert_eq!(envoy["image"], format!("envoyproxy/envoy:v{ENVOY_VERSION}"));
 
     // The Secret, whole, without subPath, where the config reads the key.
+    let example = yaml("deploy/kubernetes/secret.example.yaml");
+    assert!(
+        example["stringData"]["apiKey"].is_string(),
+        "the Secret's entry must be apiKey"
+    );
     let secret_volume = spec["volumes"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["secret"]["secretName"] == "tars-api-key")
+        .find(|v| v["secret"]["secretName"] == example["metadata"]["name"])
         .expect("no Secret volume");
     let mount = sidecar["volumeMounts"]
         .as_array()
