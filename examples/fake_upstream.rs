@@ -3,6 +3,7 @@
 //! It is the same fake the integration tests use.
 //!
 //! Usage: cargo run --example fake_upstream -- [ADDR]   (default 127.0.0.1:8000)
+//! `FAKE_UPSTREAM_STREAM_INTERVAL_MS=N` pauses N ms between stream events.
 
 #[path = "../tests/support/fake_upstream.rs"]
 mod fake_upstream;
@@ -20,6 +21,12 @@ async fn main() {
         }
     };
     let upstream = fake_upstream::FakeUpstream::start_on("fake-openai", addr).await;
+    if let Some(ms) = std::env::var("FAKE_UPSTREAM_STREAM_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        upstream.set_stream_interval(std::time::Duration::from_millis(ms));
+    }
     println!(
         "fake OpenAI-compatible upstream listening on {}",
         upstream.url()

@@ -1,5 +1,10 @@
 //! Logs to stdout, as `kubectl logs -c ai-gateway-extproc` shows them.
+//!
+//! Lines are written by a background thread: a request's log line must not
+//! make a tokio worker wait on a slow stdout pipe. The buffer applies
+//! back-pressure rather than dropping lines when it is full.
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 /// How log lines look.
@@ -10,19 +15,25 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. `level` (from `--log-level`) wins over
-/// `RUST_LOG`; with neither, `info`.
-pub fn init(level: Option<&str>, format: LogFormat) -> Result<(), String> {
+/// `RUST_LOG`; with neither, `info`. Keep the returned guard until exit: it
+/// flushes the last lines when dropped.
+pub fn init(level: Option<&str>, format: LogFormat) -> Result<WorkerGuard, String> {
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level {l:?}: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .with_target(false);
     let result = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
+    result.map_err(|e| format!("cannot install the logger: {e}"))?;
+    Ok(guard)
 }

@@ -108,7 +108,8 @@ fn print_envoy_config(cli: &Cli) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
+    let _log_flush =
+        logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
     let (config_path, config) = load_config(&cli)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

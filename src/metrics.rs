@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Time the processor spends on one message, by phase: the latency the
     /// gateway adds on top of the round trip.
     pub phase_duration: HistogramVec,
+    /// `phase_duration`'s series, resolved once: observed on every message.
+    pub phases: PhaseTimers,
     /// Key file reloads that changed or failed, by backend and result.
     pub key_reloads: IntCounterVec,
     /// Increments each time a backend's key changes.
@@ -189,7 +191,12 @@ impl Metrics {
                 &["result"],
             )?,
             models: ModelLabels::new(MODEL_LABEL_BUDGET),
+            phases: PhaseTimers::default(),
             registry: r,
+        };
+        let metrics = Self {
+            phases: PhaseTimers::new(&metrics.phase_duration),
+            ..metrics
         };
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
@@ -205,6 +212,47 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// One ext_proc message kind, for the per-phase timer.
+#[derive(Debug, Clone, Copy)]
+pub enum Phase {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Other,
+}
+
+/// The series of `ai_gateway_extproc_phase_duration_seconds`, one per phase.
+#[derive(Default)]
+pub struct PhaseTimers {
+    timers: Vec<prometheus::Histogram>,
+}
+
+impl PhaseTimers {
+    const LABELS: [&'static str; 5] = [
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+        "other",
+    ];
+
+    fn new(vec: &HistogramVec) -> Self {
+        Self {
+            timers: Self::LABELS
+                .iter()
+                .map(|l| vec.with_label_values(&[*l]))
+                .collect(),
+        }
+    }
+
+    pub fn observe(&self, phase: Phase, seconds: f64) {
+        if let Some(t) = self.timers.get(phase as usize) {
+            t.observe(seconds);
+        }
     }
 }
 

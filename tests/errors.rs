@@ -161,14 +161,10 @@ async fn provider_errors_pass_through_unchanged_and_are_logged() {
         for (k, v) in &headers {
             assert_eq!(reply.header(k), Some(v.as_str()));
         }
-        let logs = gw.extproc_logs();
-        assert!(logs.contains(log), "no log line with {log:?}:\n{logs}");
+        gw.wait_for_log(&[log]);
     }
     let logs = gw.extproc_logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("rejected the API key"))
-        .unwrap();
+    let line = gw.wait_for_log(&["rejected the API key"]);
     assert!(line.contains(&key_file.display().to_string()), "{line}");
     assert!(line.contains("ERROR"), "{line}");
     assert!(logs.contains("Retry-After: 7"), "{logs}");

@@ -115,11 +115,7 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     );
 
     // One request line in the processor's log, with the counts.
-    let logs = gw.extproc_logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("req-stream-1") && l.contains(" request "))
-        .unwrap_or_else(|| panic!("no request line:\n{logs}"));
+    let line = gw.wait_for_log(&["req-stream-1", " request "]);
     for field in [
         r#"model="gpt-4o-mini""#,
         r#"backend="tars""#,
@@ -196,7 +192,7 @@ async fn json_logs_have_one_line_per_request_and_no_key_at_trace_level() {
         ],
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.wait_for_log(&["req-d", r#""message":"request""#]);
 
     let logs = gw.extproc_logs();
     let mut request_lines = Vec::new();
@@ -317,6 +313,7 @@ async fn sigterm_lets_an_open_stream_finish() {
         .terminate(Duration::from_secs(10))
         .expect("did not exit after the drain");
     assert!(status.success(), "{status}");
+    // Exited: everything it logged has been flushed.
     assert!(gw.extproc_logs().contains(r#"outcome="success""#));
 }
 

@@ -29,6 +29,7 @@ use super::headers::{header, response_status, RequestHead};
 use super::reply::{self, set_header, Changes};
 use super::report::{self, Completion, Outcome};
 use super::{BACKEND_HEADER, MODEL_HEADER};
+use crate::metrics::Phase;
 use crate::openai::error::ApiError;
 use crate::openai::request::{rewrite_model, summarize};
 use crate::openai::response::{ResponseReader, Unreadable};
@@ -72,15 +73,14 @@ struct ResponseSeen {
     observed: Option<Observed>,
 }
 
-/// Names of the phases, for the per-phase timing metric.
-fn phase_name(message: &ProcessingRequest) -> &'static str {
+/// The phase a message belongs to, for the per-phase timing metric.
+fn phase_of(message: &ProcessingRequest) -> Phase {
     match message.request {
-        Some(Request::RequestHeaders(_)) => "request_headers",
-        Some(Request::RequestBody(_)) => "request_body",
-        Some(Request::ResponseHeaders(_)) => "response_headers",
-        Some(Request::ResponseBody(_)) => "response_body",
-        Some(Request::RequestTrailers(_)) | Some(Request::ResponseTrailers(_)) => "trailers",
-        None => "none",
+        Some(Request::RequestHeaders(_)) => Phase::RequestHeaders,
+        Some(Request::RequestBody(_)) => Phase::RequestBody,
+        Some(Request::ResponseHeaders(_)) => Phase::ResponseHeaders,
+        Some(Request::ResponseBody(_)) => Phase::ResponseBody,
+        _ => Phase::Other,
     }
 }
 
@@ -104,7 +104,7 @@ impl Exchange {
     /// Answers one message from Envoy. Every message gets exactly one answer.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
         let started = Instant::now();
-        let phase = phase_name(&message);
+        let phase = phase_of(&message);
         let answer = match message.request {
             Some(Request::RequestHeaders(h)) => Ok(self.on_request_headers(h)),
             Some(Request::RequestBody(b)) => Ok(self.on_request_body(b)),
@@ -121,9 +121,8 @@ impl Exchange {
         };
         self.state
             .metrics
-            .phase_duration
-            .with_label_values(&[phase])
-            .observe(started.elapsed().as_secs_f64());
+            .phases
+            .observe(phase, started.elapsed().as_secs_f64());
         answer
     }
 

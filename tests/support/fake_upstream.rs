@@ -66,6 +66,8 @@ struct Inner {
     gate: Mutex<Option<Arc<Notify>>>,
     /// Compress responses with gzip (streams flushed per event).
     gzip: AtomicBool,
+    /// Pause between stream events, in milliseconds (0: none).
+    stream_interval_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A running fake provider.
@@ -91,6 +93,7 @@ impl FakeUpstream {
             canned: Mutex::new(None),
             gate: Mutex::new(None),
             gzip: AtomicBool::new(false),
+            stream_interval_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -130,6 +133,13 @@ impl FakeUpstream {
         let gate = Arc::new(Notify::new());
         *self.inner.gate.lock().unwrap() = Some(Arc::clone(&gate));
         gate
+    }
+
+    /// Pauses this long between the events of following streams, as a
+    /// model generating tokens does.
+    pub fn set_stream_interval(&self, interval: std::time::Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self.inner.stream_interval_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Compresses following responses with gzip (`content-encoding: gzip`).
@@ -174,7 +184,8 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         ("POST", "/v1/chat/completions") if request["stream"] == json!(true) => {
             let gate = inner.gate.lock().unwrap().clone();
             let include_usage = request["stream_options"]["include_usage"] == json!(true);
-            return sse_response(&model, name, include_usage, gate, gzip);
+            let interval = std::time::Duration::from_millis(inner.stream_interval_ms.load(Ordering::Relaxed));
+            return sse_response(&model, name, include_usage, gate, gzip, interval);
         }
         ("POST", "/v1/chat/completions") => json!({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
@@ -253,6 +264,7 @@ fn sse_response(
     include_usage: bool,
     gate: Option<Arc<Notify>>,
     gzip: bool,
+    interval: std::time::Duration,
 ) -> Response {
     let chunk = |delta: Value, finish: Value| {
         let mut c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
@@ -304,6 +316,9 @@ fn sse_response(
             gate.notified().await;
         }
         for frame in frames {
+            if !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
             let _ = tx.send(Ok(Bytes::from(frame))).await;
         }
     });

@@ -347,6 +347,23 @@ impl Gateway {
         s
     }
 
+    /// The first processor log line containing every one of `needles`,
+    /// waiting for it (lines are written by a background thread).
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.extproc_logs();
+            if let Some(line) = logs.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?}:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn envoy_logs(&self) -> String {
         fs::read_to_string(&self.envoy_log).unwrap_or_default()
     }

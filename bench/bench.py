@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""Measures what ai-gateway-extproc costs on top of plain Envoy, in one run.
+
+A: Envoy alone, proxying to a fast local upstream (nginx: a fixed chat
+   completion, and an SSE variant). Its bootstrap is the one
+   `ai-gateway-extproc envoy-config` renders, minus the ext_proc filter and the
+   routing header match, so the two differ by the processor only.
+B: the same Envoy with ai-gateway-extproc (release build), as rendered.
+Both run one Envoy worker (--concurrency 1).
+
+Measured: throughput at saturation (oha, 32 connections), latency at fixed
+rates, the processor's CPU time per request and peak RSS, the added time to
+first byte of streams, RSS with 1,000 concurrent streams, and key reload
+latency (file change -> first request carrying the new key) over 20
+rotations. Writes a table to bench/RESULTS.md.
+
+Run it with scripts/bench.sh (which installs and builds what is missing).
+"""
+import argparse
+import datetime
+import http.client
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXTPROC = ROOT / "target/release/ai-gateway-extproc"
+FAKE_UPSTREAM = ROOT / "target/release/examples/fake_upstream"
+ENVOY = ROOT / ".venv/bin/envoy"
+
+CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi."}]})
+CHAT_STREAM = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
+                          "messages": [{"role": "user", "content": "Hi."}]})
+COMPLETION = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
+              '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello there."},"finish_reason":"stop"}],'
+              '"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}')
+SSE = "".join(
+    f"data: {json.dumps(e)}\n\n" for e in [
+        {"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None},
+        {"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "Hello"}}], "usage": None},
+        {"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": " there."}}], "usage": None},
+        {"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None},
+        {"model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}},
+    ]
+) + "data: [DONE]\n\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nginx_escape(text):
+    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+class Processes:
+    """Every process the run starts, stopped at the end whatever happens."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, name, args, env=None):
+        log = open(self.workdir / f"{name}.log", "wb")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+def wait_http(url, timeout=30.0, method="GET", body=None, headers=None):
+    deadline = time.monotonic() + timeout
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1] if url.count("/") > 2 else "/"
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection(host, int(port), timeout=2)
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            r.read()
+            if r.status < 500:
+                return r.status
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"bench: {url} did not answer within {timeout}s")
+
+
+def start_nginx(procs, workdir):
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/nginx-body;
+  client_body_buffer_size 1m;
+  keepalive_requests 10000000;
+  map $http_x_bench_stream $bench_body {{
+    default '{nginx_escape(COMPLETION)}';
+    "1" '{nginx_escape(SSE)}';
+  }}
+  map $http_x_bench_stream $bench_type {{
+    default application/json;
+    "1" text/event-stream;
+  }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      default_type "";
+      add_header Content-Type $bench_type always;
+      add_header X-Seen-Authorization $http_authorization always;
+      return 200 $bench_body;
+    }}
+  }}
+}}
+""")
+    procs.start("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)])
+    wait_http(f"http://127.0.0.1:{port}/v1/chat/completions")
+    return port
+
+
+def gateway_config(workdir, upstream_port, transport, name="b"):
+    key = workdir / f"{name}-key"
+    key.write_text("sk-bench-0\n")
+    listen = f"unix:{workdir}/{name}.sock" if transport == "uds" else f"127.0.0.1:{free_port()}"
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(f"""
+extproc: {{listen: "{listen}"}}
+admin: {{listen: "127.0.0.1:{free_port()}"}}
+envoy: {{listen: "127.0.0.1:{free_port()}"}}
+backends:
+  - {{name: bench, url: "http://127.0.0.1:{upstream_port}", api_key_file: "{key}"}}
+models:
+  - {{name: "*", backend: bench}}
+""")
+    return cfg, key
+
+
+def render(cfg):
+    out = subprocess.run([str(EXTPROC), "envoy-config", "--config", str(cfg)], check=True, capture_output=True, text=True)
+    return yaml.safe_load(out.stdout)
+
+
+def plain_envoy(bootstrap):
+    """The rendered bootstrap without the processor: Envoy alone."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    backend = routes[0]
+    backend["match"] = {"prefix": "/"}
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [backend]
+    bootstrap["static_resources"]["clusters"] = [
+        c for c in bootstrap["static_resources"]["clusters"] if c["name"] != "ai-gateway-extproc"]
+    return bootstrap
+
+
+def start_envoy(procs, workdir, name, bootstrap):
+    path = workdir / f"envoy-{name}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    procs.start(f"envoy-{name}", [str(ENVOY), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+                                  "--log-level", "error"])
+    listen = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+    url = f"http://127.0.0.1:{listen['port_value']}"
+    wait_http(url + "/v1/chat/completions", method="POST", body=CHAT, headers={"content-type": "application/json"})
+    return url
+
+
+def start_extproc(procs, cfg, name):
+    p = procs.start(f"extproc-{name}", [str(EXTPROC), "--config", str(cfg), "--log-level", "warn"])
+    admin = yaml.safe_load(cfg.read_text())["admin"]["listen"]
+    wait_http(f"http://{admin}/healthz")
+    return p
+
+
+def oha(url, seconds, connections, body, stream=False, rate=None):
+    args = [os.environ.get("OHA", "oha"), "-z", f"{seconds}s", "-c", str(connections), "--no-tui",
+            "--output-format", "json", "-m", "POST", "-H", "content-type: application/json", "-d", body,
+            url + "/v1/chat/completions"]
+    if stream:
+        args[1:1] = ["-H", "x-bench-stream: 1"]
+    if rate:
+        args[1:1] = ["-q", str(rate)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    codes = r.get("statusCodeDistribution", {})
+    bad = {k: v for k, v in codes.items() if k != "200"}
+    if bad or r["summary"]["successRate"] < 0.999:
+        raise SystemExit(f"bench: failed requests against {url}: {codes} {r['summary']}")
+    p = r["latencyPercentiles"]
+    return {"rps": r["summary"]["requestsPerSec"], "p50": p["p50"] * 1000, "p99": p["p99"] * 1000,
+            "n": sum(codes.values())}
+
+
+def cpu_seconds(pid):
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ttfb_ms(url, n):
+    """Time to the first body byte of `n` sequential streams, in ms."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=CHAT_STREAM,
+                     headers={"content-type": "application/json", "x-bench-stream": "1"})
+        r = conn.getresponse()
+        r.read(1)
+        samples.append((time.perf_counter() - t0) * 1000)
+        r.read()
+    conn.close()
+    return statistics.median(samples), percentile(samples, 99)
+
+
+def percentile(samples, p):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def key_reload_ms(url, key_file, rotations):
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    samples = []
+    for i in range(1, rotations + 1):
+        new = f"sk-bench-{i}"
+        tmp = key_file.with_suffix(".tmp")
+        tmp.write_text(new + "\n")
+        os.rename(tmp, key_file)
+        t0 = time.perf_counter()
+        while True:
+            conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.getheader("x-seen-authorization") == f"Bearer {new}":
+                break
+            if time.perf_counter() - t0 > 5:
+                raise SystemExit(f"bench: rotation {i} not applied after 5 s")
+        samples.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.2)
+    conn.close()
+    return statistics.median(samples), max(samples)
+
+
+def concurrent_streams_rss(procs, workdir, streams):
+    """Peak processor RSS while `streams` streams are open at once."""
+    port = free_port()
+    env = dict(os.environ, FAKE_UPSTREAM_STREAM_INTERVAL_MS="300")
+    procs.start("fake-upstream", [str(FAKE_UPSTREAM), f"127.0.0.1:{port}"], env=env)
+    wait_http(f"http://127.0.0.1:{port}/v1/models")
+    cfg, _ = gateway_config(workdir, port, "uds", name="streams")
+    ext = start_extproc(procs, cfg, "streams")
+    url = start_envoy(procs, workdir, "streams", render(cfg))
+    before = peak_rss_mib(ext.pid)
+    # Each stream lasts about 1.8 s (6 pauses of 300 ms): with `streams`
+    # connections for 6 s, that many are open together.
+    args = [os.environ.get("OHA", "oha"), "-z", "6s", "-c", str(streams), "--no-tui", "--output-format", "json",
+            "-m", "POST", "-H", "content-type: application/json", "-d", CHAT_STREAM, url + "/v1/chat/completions"]
+    out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    codes = out.get("statusCodeDistribution", {})
+    if set(codes) != {"200"}:
+        raise SystemExit(f"bench: concurrent streams failed: {codes}")
+    return before, peak_rss_mib(ext.pid), sum(codes.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10, help="duration of each load run")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rates", default="500,1000,2000", help="fixed request rates for latency")
+    ap.add_argument("--out", default=str(ROOT / "bench/RESULTS.md"))
+    a = ap.parse_args()
+    rates = [int(r) for r in a.rates.split(",")]
+
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="aigw-bench-"))
+    procs = Processes(workdir)
+    rows = []
+    try:
+        up = start_nginx(procs, workdir)
+        cfg_uds, key = gateway_config(workdir, up, "uds", name="b")
+        cfg_tcp, _ = gateway_config(workdir, up, "tcp", name="btcp")
+        url_a = start_envoy(procs, workdir, "a", plain_envoy(render(cfg_uds)))
+        ext_b = start_extproc(procs, cfg_uds, "b")
+        url_b = start_envoy(procs, workdir, "b", render(cfg_uds))
+        ext_t = start_extproc(procs, cfg_tcp, "btcp")
+        url_t = start_envoy(procs, workdir, "btcp", render(cfg_tcp))
+
+        # Warm-up: connections, pools, caches.
+        for url in (url_a, url_b, url_t):
+            oha(url, 2, a.connections, CHAT)
+
+        def saturate(label, stream):
+            body = CHAT_STREAM if stream else CHAT
+            ra = oha(url_a, a.seconds, a.connections, body, stream)
+            cpu0 = cpu_seconds(ext_b.pid)
+            rb = oha(url_b, a.seconds, a.connections, body, stream)
+            cpu_us = (cpu_seconds(ext_b.pid) - cpu0) / rb["n"] * 1e6
+            rt = oha(url_t, a.seconds, a.connections, body, stream)
+            rows.append((f"{label}: throughput at saturation (req/s)", f"{ra['rps']:,.0f}", f"{rb['rps']:,.0f}",
+                         f"B/A {rb['rps'] / ra['rps']:.2f} (TCP: {rt['rps'] / ra['rps']:.2f})",
+                         "≥ 0.5" if not stream else ""))
+            rows.append((f"{label}: processor CPU per request", "", f"{cpu_us:.0f} µs", "", ""))
+
+        saturate("chat", False)
+        saturate("stream", True)
+        for rate in rates:
+            ra = oha(url_a, a.seconds, a.connections, CHAT, rate=rate)
+            rb = oha(url_b, a.seconds, a.connections, CHAT, rate=rate)
+            target = " (≤ 0.2 / ≤ 1 at 1,000/s)" if rate == 1000 else ""
+            rows.append((f"chat at {rate:,} req/s: latency p50 / p99 (ms)", f"{ra['p50']:.2f} / {ra['p99']:.2f}",
+                         f"{rb['p50']:.2f} / {rb['p99']:.2f}",
+                         f"added {rb['p50'] - ra['p50']:+.2f} / {rb['p99'] - ra['p99']:+.2f} ms", target.strip()))
+        (a50, a99), (b50, b99) = ttfb_ms(url_a, 500), ttfb_ms(url_b, 500)
+        rows.append(("stream: time to first byte p50 / p99 (ms)", f"{a50:.2f} / {a99:.2f}", f"{b50:.2f} / {b99:.2f}",
+                     f"added {b50 - a50:+.2f} / {b99 - a99:+.2f} ms", "p50 ≤ 0.3 ms"))
+        rows.append(("processor peak RSS after the runs above", "", f"{peak_rss_mib(ext_b.pid):.1f} MiB", "", ""))
+        r50, rmax = key_reload_ms(url_b, key, 20)
+        rows.append(("key reload: file change → first request with the new key (20 rotations)", "",
+                     f"p50 {r50:.1f} ms, max {rmax:.1f} ms", "", "p50 ≤ 100 ms, max ≤ 1 s"))
+        before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
+        rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
+                     f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
+    finally:
+        procs.stop_all()
+
+    write_results(a, rows)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def version(args):
+    try:
+        out = subprocess.run(args, capture_output=True, text=True)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def write_results(a, rows):
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
+    table = ["| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |",
+             "|---|---|---|---|---|"]
+    table += [f"| {' | '.join(r)} |" for r in rows]
+    text = "\n".join([
+        "## Latest run",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, {platform.system()} {platform.release()}",
+        f"- Envoy: {version([str(ENVOY), '--version']).split('version: ')[-1]}; "
+        f"processor: {version([str(EXTPROC), '--version'])}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
+        f"upstream: {version(['nginx', '-v']) or 'nginx'}",
+        f"- command: `scripts/bench.sh --seconds {a.seconds} --connections {a.connections} --rates {a.rates}`",
+        f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
+        "B uses a Unix socket to the processor (the TCP figure is B over TCP)",
+        "",
+        *table,
+        "",
+    ])
+    out = pathlib.Path(a.out)
+    old = out.read_text() if out.exists() else ""
+    # Keep the hand-written parts (the optimization log): replace only the
+    # "Latest run" section.
+    head, sep, rest = old.partition("## Latest run")
+    tail = ""
+    if sep:
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+    else:
+        head = "# Benchmark results\n\nProduced by `scripts/bench.sh`; ratios B/A are the headline, as absolute numbers drift between machines.\n\n"
+    out.write_text(head + text + ("\n" + tail if tail else ""))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Benchmarks the gateway against plain Envoy and writes bench/RESULTS.md.
+#   scripts/bench.sh [--seconds 10] [--connections 32] [--rates 500,1000,2000]
+# Installs what is missing: .venv (scripts/setup.sh), nginx (Debian package,
+# the fast upstream), oha (crates.io, the load generator, into .venv/bin),
+# and builds the release binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bench] %s\n' "$*"; }
+
+scripts/setup.sh
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing nginx-light"
+    apt-get install -y -q nginx-light >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q nginx-light >/dev/null; }
+  else
+    say "nginx is needed as the upstream: install it (e.g. apt-get install nginx-light)" >&2
+    exit 1
+  fi
+fi
+OHA_VERSION=1.16.0
+if ! .venv/bin/oha --version 2>/dev/null | grep -q "$OHA_VERSION"; then
+  say "installing oha $OHA_VERSION into .venv/bin"
+  cargo install --quiet --locked --root .venv oha --version "$OHA_VERSION"
+fi
+say "building the release binaries"
+cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+PATH="$PWD/.venv/bin:$PATH" OHA="$PWD/.venv/bin/oha" exec .venv/bin/python bench/bench.py "$@"
