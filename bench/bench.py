@@ -69,11 +69,15 @@ class Processes:
     """Every process the run starts, stopped at the end whatever happens."""
 
     def __init__(self, workdir):
-        self.workdir = workdir
+        # Logs apart from configs and keys: the processor watches the
+        # directories of its config and key files, and a busy log file
+        # there would cost it CPU on every line written.
+        self.logdir = workdir / "logs"
+        self.logdir.mkdir()
         self.procs = []
 
     def start(self, name, args, env=None):
-        log = open(self.workdir / f"{name}.log", "wb")
+        log = open(self.logdir / f"{name}.log", "wb")
         p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append((name, p))
         return p
@@ -117,7 +121,7 @@ def start_nginx(procs, workdir):
 worker_processes 1;
 daemon off;
 pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
+error_log {workdir}/logs/nginx-error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
@@ -149,10 +153,14 @@ http {{
 
 
 def gateway_config(workdir, upstream_port, transport, name="b"):
-    key = workdir / f"{name}-key"
+    keys = workdir / f"keys-{name}"
+    keys.mkdir(exist_ok=True)
+    key = keys / "apiKey"
     key.write_text("sk-bench-0\n")
     listen = f"unix:{workdir}/{name}.sock" if transport == "uds" else f"127.0.0.1:{free_port()}"
-    cfg = workdir / f"{name}.yaml"
+    conf = workdir / f"conf-{name}"
+    conf.mkdir(exist_ok=True)
+    cfg = conf / "gateway.yaml"
     cfg.write_text(f"""
 extproc: {{listen: "{listen}"}}
 admin: {{listen: "127.0.0.1:{free_port()}"}}
@@ -180,6 +188,9 @@ def plain_envoy(bootstrap):
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [backend]
     bootstrap["static_resources"]["clusters"] = [
         c for c in bootstrap["static_resources"]["clusters"] if c["name"] != "ai-gateway-extproc"]
+    # A port of its own: Envoy binds with SO_REUSEPORT, so sharing B's port
+    # would silently split the load between A and B.
+    bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
     return bootstrap
 
 
@@ -195,10 +206,34 @@ def start_envoy(procs, workdir, name, bootstrap):
 
 
 def start_extproc(procs, cfg, name):
-    p = procs.start(f"extproc-{name}", [str(EXTPROC), "--config", str(cfg), "--log-level", "warn"])
+    # Default log level (info): one log line per request, as in production.
+    p = procs.start(f"extproc-{name}", [str(EXTPROC), "--config", str(cfg)])
     admin = yaml.safe_load(cfg.read_text())["admin"]["listen"]
     wait_http(f"http://{admin}/healthz")
     return p
+
+
+def filter_config(bootstrap):
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f["typed_config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+
+
+def variant(bootstrap, name):
+    """Bootstrap variants, to measure what a design choice costs."""
+    ext = filter_config(bootstrap)
+    mode = ext["processing_mode"]
+    if name == "no-response-phases":
+        # Upper bound of this design: no usage counting, no upstream status.
+        mode["response_header_mode"] = "SKIP"
+    elif name == "skip-response-headers":
+        # Response body streamed from the start, status as an attribute.
+        mode["response_header_mode"] = "SKIP"
+        mode["response_body_mode"] = "STREAMED"
+        ext["response_attributes"] = ["response.code"]
+    else:
+        raise SystemExit(f"bench: unknown variant {name}")
+    bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    return bootstrap
 
 
 def oha(url, seconds, connections, body, stream=False, rate=None):
@@ -301,10 +336,14 @@ def concurrent_streams_rss(procs, workdir, streams):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=10, help="duration of each load run")
+    ap.add_argument("--seconds", type=int, default=5, help="duration of each load run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="A and B alternate this many times per measure; medians are reported (the machine is noisy)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rates", default="500,1000,2000", help="fixed request rates for latency")
     ap.add_argument("--out", default=str(ROOT / "bench/RESULTS.md"))
+    ap.add_argument("--variants", action="store_true",
+                    help="also measure bootstrap variants (no response phases, response headers skipped)")
     a = ap.parse_args()
     rates = [int(r) for r in a.rates.split(",")]
 
@@ -325,13 +364,22 @@ def main():
         for url in (url_a, url_b, url_t):
             oha(url, 2, a.connections, CHAT)
 
+        def median_of(runs):
+            return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+        def alternate(urls, **kw):
+            """Runs each URL in turn, `rounds` times; medians per URL."""
+            runs = {u: [] for u in urls}
+            for _ in range(a.rounds):
+                for u in urls:
+                    runs[u].append(oha(u, a.seconds, a.connections, **kw))
+            return [median_of(runs[u]) for u in urls], runs
+
         def saturate(label, stream):
             body = CHAT_STREAM if stream else CHAT
-            ra = oha(url_a, a.seconds, a.connections, body, stream)
             cpu0 = cpu_seconds(ext_b.pid)
-            rb = oha(url_b, a.seconds, a.connections, body, stream)
-            cpu_us = (cpu_seconds(ext_b.pid) - cpu0) / rb["n"] * 1e6
-            rt = oha(url_t, a.seconds, a.connections, body, stream)
+            (ra, rb, rt), runs = alternate([url_a, url_b, url_t], body=body, stream=stream)
+            cpu_us = (cpu_seconds(ext_b.pid) - cpu0) / sum(r["n"] for r in runs[url_b]) * 1e6
             rows.append((f"{label}: throughput at saturation (req/s)", f"{ra['rps']:,.0f}", f"{rb['rps']:,.0f}",
                          f"B/A {rb['rps'] / ra['rps']:.2f} (TCP: {rt['rps'] / ra['rps']:.2f})",
                          "≥ 0.5" if not stream else ""))
@@ -339,9 +387,15 @@ def main():
 
         saturate("chat", False)
         saturate("stream", True)
+        if a.variants:
+            for name in ("no-response-phases", "skip-response-headers"):
+                url_v = start_envoy(procs, workdir, name, variant(render(cfg_uds), name))
+                oha(url_v, 2, a.connections, CHAT)
+                (ra, rv), _ = alternate([url_a, url_v], body=CHAT)
+                rows.append((f"variant {name}: chat throughput (req/s)", f"{ra['rps']:,.0f}", f"{rv['rps']:,.0f}",
+                             f"B/A {rv['rps'] / ra['rps']:.2f}", ""))
         for rate in rates:
-            ra = oha(url_a, a.seconds, a.connections, CHAT, rate=rate)
-            rb = oha(url_b, a.seconds, a.connections, CHAT, rate=rate)
+            (ra, rb), _ = alternate([url_a, url_b], body=CHAT, rate=rate)
             target = " (≤ 0.2 / ≤ 1 at 1,000/s)" if rate == 1000 else ""
             rows.append((f"chat at {rate:,} req/s: latency p50 / p99 (ms)", f"{ra['p50']:.2f} / {ra['p99']:.2f}",
                          f"{rb['p50']:.2f} / {rb['p99']:.2f}",
@@ -385,9 +439,11 @@ def write_results(a, rows):
         f"- Envoy: {version([str(ENVOY), '--version']).split('version: ')[-1]}; "
         f"processor: {version([str(EXTPROC), '--version'])}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
         f"upstream: {version(['nginx', '-v']) or 'nginx'}",
-        f"- command: `scripts/bench.sh --seconds {a.seconds} --connections {a.connections} --rates {a.rates}`",
+        f"- command: `scripts/bench.sh --seconds {a.seconds} --rounds {a.rounds} --connections {a.connections} --rates {a.rates}"
+        f"{' --variants' if a.variants else ''}`",
         f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
-        "B uses a Unix socket to the processor (the TCP figure is B over TCP)",
+        f"A and B alternate {a.rounds} times per measure and the medians are shown; "
+        "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",
         "",
         *table,
         "",

@@ -25,7 +25,12 @@ pub fn init(level: Option<&str>, format: LogFormat) -> Result<WorkerGuard, Strin
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("log-writer")
-        .finish(std::io::stdout());
+        // The writer thread drains every queued line, then flushes: under
+        // load, one `write` carries many lines.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

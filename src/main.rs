@@ -50,6 +50,11 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
+    /// Threads serving requests. Envoy opens one connection per worker, so
+    /// match Envoy's `--concurrency`; default: the number of CPUs.
+    #[arg(long, value_name = "N", env = "AI_GATEWAY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
     drain_timeout: Duration,
@@ -111,7 +116,11 @@ fn run(cli: Cli) -> Result<()> {
     let _log_flush =
         logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
     let (config_path, config) = load_config(&cli)?;
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
