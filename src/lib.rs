@@ -14,13 +14,15 @@
 //! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
 //! - [`extproc`]: the gRPC service and the per-request state machine;
 //! - [`envoy_config`]: the Envoy bootstrap rendered from the same config;
-//! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations.
+//! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations;
+//! - [`login`]: `ai-gateway-extproc login`, a key by OAuth PKCE.
 
 pub mod admin;
 pub mod config;
 pub mod envoy_config;
 pub mod extproc;
 pub mod logging;
+pub mod login;
 pub mod metrics;
 pub mod openai;
 pub mod reload;

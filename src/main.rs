@@ -15,6 +15,7 @@ use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Override
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
 use ai_gateway_extproc::extproc::ExtProcService;
 use ai_gateway_extproc::logging::{self, LogFormat};
+use ai_gateway_extproc::login::{LoginOptions, Output};
 use ai_gateway_extproc::metrics::Metrics;
 use ai_gateway_extproc::reload::ConfigWatcher;
 use ai_gateway_extproc::secret::{KeyStore, SecretWatcher};
@@ -68,6 +69,42 @@ enum Command {
     /// Print the Envoy bootstrap YAML for the configuration: listener,
     /// ext_proc filter, routes, one cluster per backend.
     EnvoyConfig,
+    /// Get a TARS API key by signing in with a browser (OAuth 2.0 PKCE) and
+    /// write it where the gateway reads it; a running gateway picks it up.
+    Login(LoginArgs),
+}
+
+#[derive(clap::Args)]
+struct LoginArgs {
+    /// The key file to write (atomically, mode 0600).
+    #[arg(long, value_name = "PATH", conflicts_with = "backend")]
+    key_file: Option<PathBuf>,
+
+    /// Write the `api_key_file` of this backend of the --config file.
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
+
+    /// The authorization server; enterprise tenants use their own.
+    #[arg(long, value_name = "URL", default_value = "https://router.tetrate.ai")]
+    auth_url: String,
+
+    /// How long to wait for the browser sign-in.
+    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    timeout: Duration,
+
+    /// Only print the URL (headless machines: open it anywhere that reaches
+    /// this machine's localhost, e.g. through an SSH tunnel).
+    #[arg(long)]
+    no_browser: bool,
+
+    /// Print a Kubernetes Secret manifest with the key (entry `apiKey`) on
+    /// stdout instead of writing a file: `... --print-secret | kubectl apply -f -`.
+    #[arg(long, conflicts_with_all = ["key_file", "backend"])]
+    print_secret: bool,
+
+    /// The Secret's name, with --print-secret.
+    #[arg(long, value_name = "NAME", default_value = "tars-api-key")]
+    secret_name: String,
 }
 
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
@@ -76,8 +113,9 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match &cli.command {
         Some(Command::EnvoyConfig) => print_envoy_config(&cli),
+        Some(Command::Login(args)) => login(&cli, args),
         None => run(cli),
     };
     match result {
@@ -110,6 +148,41 @@ fn print_envoy_config(cli: &Cli) -> Result<()> {
     let (_, config) = load_config(cli)?;
     print!("{}", envoy_config::render(&config)?);
     Ok(())
+}
+
+fn login(cli: &Cli, args: &LoginArgs) -> Result<()> {
+    let output = if args.print_secret {
+        Output::Secret {
+            name: args.secret_name.clone(),
+        }
+    } else if let Some(path) = &args.key_file {
+        Output::KeyFile(path.clone())
+    } else if let Some(name) = &args.backend {
+        let (path, config) = load_config(cli)?;
+        let backend = config
+            .backends
+            .iter()
+            .find(|b| &b.name == name)
+            .with_context(|| format!("no backend named {name:?} in {}", path.display()))?;
+        Output::KeyFile(backend.api_key_file.clone())
+    } else {
+        anyhow::bail!(
+            "login needs --key-file PATH, --backend NAME (with --config), or --print-secret"
+        );
+    };
+    let opts = LoginOptions {
+        auth_url: args.auth_url.clone(),
+        client: "ai-gateway-extproc".into(),
+        timeout: args.timeout,
+        open_browser: !args.no_browser,
+        output,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(ai_gateway_extproc::login::run(opts))
+        .context("login failed; the key file was not changed")
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -99,6 +99,26 @@ impl ChildGuard {
         self.child.try_wait().ok().flatten()
     }
 
+    pub fn take_stderr(&mut self) -> std::process::ChildStderr {
+        self.child.stderr.take().expect("stderr was not piped")
+    }
+
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("stdout was not piped")
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         unsafe {
@@ -592,6 +612,9 @@ impl Reply {
 
 /// An HTTP client that ignores proxy settings from the environment.
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a default TLS provider (the gateway picks
+    // ring); a second install is a no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
