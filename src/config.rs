@@ -50,6 +50,18 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Gateway keys clients must present; none: anyone who reaches the
+    /// gateway may use it.
+    #[serde(default)]
+    pub client_keys: Option<ClientKeysConfig>,
+}
+
+/// Where the gateway's client keys are (see `access`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeysConfig {
+    /// A YAML file listing the keys; watched and reloaded like the config.
+    pub file: PathBuf,
 }
 
 /// Where the external processor serves Envoy.
@@ -509,6 +521,14 @@ impl Config {
                 "extproc.message_timeout".into(),
                 "must be more than 0".into(),
             );
+        }
+        if let Some(ck) = &self.client_keys {
+            if ck.file.as_os_str().is_empty() {
+                report(
+                    "client_keys.file".into(),
+                    "must name the client keys file".into(),
+                );
+            }
         }
         if self.watch.poll_interval < Duration::from_millis(50) {
             report("watch.poll_interval".into(), "must be at least 50ms".into());

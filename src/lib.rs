@@ -6,6 +6,7 @@
 //! Envoy where to send the request and with which key. Module map:
 //!
 //! - [`config`]: the configuration file, loaded and validated;
+//! - [`access`]: optional gateway keys clients must present;
 //! - [`routes`]: model → backend rules ([`routes::RouteTable`]);
 //! - [`secret`]: provider keys and their file watcher ([`secret::SecretWatcher`]);
 //! - [`watch`]: "this file may have changed" notifications;
@@ -17,6 +18,7 @@
 //! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations;
 //! - [`login`]: `ai-gateway-extproc login`, a key by OAuth PKCE.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod envoy_config;

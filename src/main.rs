@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use ai_gateway_extproc::access::{AccessControl, AccessWatcher, ClientKeys};
 use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
 use ai_gateway_extproc::extproc::ExtProcService;
@@ -218,7 +219,18 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     let admin_addr = snapshot.config.admin.listen;
     let body_limit = snapshot.max_request_body_bytes;
     let (backends, models) = (snapshot.config.backends.len(), snapshot.config.models.len());
-    let state = Arc::new(GatewayState::new(snapshot, keys, metrics));
+    // Gateway keys: a bad or missing keys file stops the start (fail closed).
+    let access = Arc::new(AccessControl::default());
+    let access_file = snapshot.config.client_keys.as_ref().map(|c| c.file.clone());
+    if let Some(file) = &access_file {
+        access.replace(Some(ClientKeys::load(file)?));
+    }
+    let state = Arc::new(GatewayState::new(
+        snapshot,
+        keys,
+        metrics,
+        Arc::clone(&access),
+    ));
 
     let extproc = ExtProcListener::bind(&extproc_addr).await?;
     let admin_listener = TcpListener::bind(admin_addr)
@@ -255,6 +267,9 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         poll_interval,
     );
     tokio::spawn(config_watcher.run(stop_rx.clone()));
+    if let Some(file) = access_file {
+        tokio::spawn(AccessWatcher::new(file, access, poll_interval).run(stop_rx.clone()));
+    }
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&state),

@@ -116,6 +116,9 @@ fn warn_about_restart_needs(old: &Config, new: &Config) {
             "listen addresses changed in the config file; they apply at the next restart"
         );
     }
+    if old.client_keys != new.client_keys {
+        tracing::warn!("client_keys changed in the config file; it applies at the next restart (the keys file itself reloads live)");
+    }
     let rendered = |c: &Config| envoy_config::render(c).ok();
     if rendered(old) != rendered(new) {
         tracing::warn!(

@@ -131,7 +131,7 @@ impl RouteTable {
 
 /// `*`-only glob match: `*` stands for any run of characters, every other
 /// character for itself.
-fn glob_match(pattern: &str, name: &str) -> bool {
+pub fn glob_match(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
     // `split` always yields a first part: the literal before the first `*`.
     let first = parts.next().unwrap_or("");

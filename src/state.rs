@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access::AccessControl;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::openai::models;
@@ -52,14 +53,22 @@ pub struct GatewayState {
     snapshot: ArcSwap<Snapshot>,
     pub keys: Arc<KeyStore>,
     pub metrics: Arc<Metrics>,
+    /// Gateway keys clients must present, when the config asks for them.
+    pub access: Arc<AccessControl>,
 }
 
 impl GatewayState {
-    pub fn new(snapshot: Snapshot, keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        keys: Arc<KeyStore>,
+        metrics: Arc<Metrics>,
+        access: Arc<AccessControl>,
+    ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             keys,
             metrics,
+            access,
         }
     }
 

@@ -29,6 +29,7 @@ use super::headers::{header, response_status, RequestHead};
 use super::reply::{self, set_header, Changes};
 use super::report::{self, Completion, Outcome};
 use super::{BACKEND_HEADER, MODEL_HEADER};
+use crate::access::ClientKey;
 use crate::metrics::Phase;
 use crate::openai::error::ApiError;
 use crate::openai::request::{rewrite_model, summarize};
@@ -54,6 +55,8 @@ pub struct Exchange {
     response: Option<ResponseSeen>,
     /// Set when the gateway answered itself.
     answered: Option<(u16, Option<&'static str>)>,
+    /// The gateway key the client presented, when access control is on.
+    client: Option<Arc<ClientKey>>,
     /// The request line was logged and metrics recorded.
     reported: bool,
 }
@@ -97,6 +100,7 @@ impl Exchange {
             forwarded: None,
             response: None,
             answered: None,
+            client: None,
             reported: false,
         }
     }
@@ -128,6 +132,14 @@ impl Exchange {
 
     fn on_request_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
         self.head = RequestHead::from_headers(h.headers.as_ref());
+        // Access first: without a valid gateway key, nothing else is said.
+        if let Some(keys) = self.state.access.keys().as_ref() {
+            let presented = self.head.credential.take().unwrap_or_default();
+            match keys.authorize(&presented) {
+                Some(key) => self.client = Some(key),
+                None => return self.reject(ApiError::invalid_api_key()),
+            }
+        }
         let Some(endpoint) = Endpoint::from_path(&self.head.path) else {
             return self.reject(ApiError::unknown_path(&self.head.method, &self.head.path));
         };
@@ -186,6 +198,13 @@ impl Exchange {
             }
             Err(e) => return self.reject(ApiError::invalid_body(e.to_string())),
         };
+        if self
+            .client
+            .as_ref()
+            .is_some_and(|c| !c.allows(&summary.model))
+        {
+            return self.reject(ApiError::model_not_allowed(&summary.model));
+        }
         let snapshot = Arc::clone(&self.snapshot);
         let Some(route) = snapshot.routes.resolve(&summary.model) else {
             return self.reject(ApiError::model_not_found(&summary.model));
@@ -407,6 +426,7 @@ impl Exchange {
                 request_id: &self.head.request_id,
                 method: &self.head.method,
                 path: &self.head.path,
+                client: self.client.as_ref().map(|c| c.name.as_str()),
                 endpoint: self.endpoint,
                 backend: fwd.map(|f| &*f.backend.name),
                 model: fwd.and_then(|f| f.model.as_deref()),

@@ -25,6 +25,9 @@ pub struct RequestHead {
     /// Client headers to remove before forwarding: credentials and any
     /// gateway-internal header the client tried to set.
     pub to_remove: Vec<String>,
+    /// The key the client presented (`Authorization: Bearer`, else
+    /// `x-api-key`), for the gateway's own access control.
+    pub credential: Option<Vec<u8>>,
 }
 
 /// A header's value: Envoy sends `raw_value` (bytes) in current versions and
@@ -54,6 +57,18 @@ impl RequestHead {
                     head.path = String::from_utf8_lossy(path).into_owned();
                 }
                 "x-request-id" => head.request_id = String::from_utf8_lossy(value).into_owned(),
+                "authorization" => {
+                    let bearer = value
+                        .get(..7)
+                        .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
+                        .map(|_| value[7..].trim_ascii());
+                    if let Some(token) = bearer {
+                        head.credential = Some(token.to_vec());
+                    }
+                }
+                "x-api-key" if head.credential.is_none() => {
+                    head.credential = Some(value.trim_ascii().to_vec())
+                }
                 "content-length" => {
                     head.content_length = std::str::from_utf8(value)
                         .ok()
@@ -116,6 +131,7 @@ mod tests {
         assert_eq!(head.path, "/v1/chat/completions");
         assert_eq!(head.request_id, "abc");
         assert_eq!(head.content_length, Some(42));
+        assert_eq!(head.credential.as_deref(), Some(&b"client"[..]));
         assert_eq!(
             head.to_remove,
             [

@@ -43,6 +43,8 @@ pub struct Completion<'a> {
     pub request_id: &'a str,
     pub method: &'a str,
     pub path: &'a str,
+    /// The gateway key's name, when clients present keys.
+    pub client: Option<&'a str>,
     pub endpoint: Option<Endpoint>,
     pub backend: Option<&'a str>,
     pub model: Option<&'a str>,
@@ -65,6 +67,7 @@ pub fn record(metrics: &Metrics, c: &Completion<'_>) {
         request_id = c.request_id,
         method = c.method,
         path = c.path,
+        client = c.client.unwrap_or("-"),
         model = c.model.unwrap_or("-"),
         response_model = response_model.unwrap_or("-"),
         backend = c.backend.unwrap_or("-"),

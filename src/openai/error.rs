@@ -63,6 +63,24 @@ impl ApiError {
         )
     }
 
+    pub fn invalid_api_key() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Missing or unknown API key for this gateway. Send the key its operator gave you as `Authorization: Bearer <key>`.".into(),
+        )
+    }
+
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            403,
+            "invalid_request_error",
+            "model_not_allowed",
+            format!("This API key may not use the model `{model}`."),
+        )
+    }
+
     pub fn body_too_large(limit: usize) -> Self {
         Self::new(
             413,
