@@ -68,6 +68,8 @@ struct Inner {
     gzip: AtomicBool,
     /// Pause between stream events, in milliseconds (0: none).
     stream_interval_ms: std::sync::atomic::AtomicU64,
+    /// Pause before answering at all, in milliseconds (0: none).
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A running fake provider.
@@ -94,6 +96,7 @@ impl FakeUpstream {
             gate: Mutex::new(None),
             gzip: AtomicBool::new(false),
             stream_interval_ms: std::sync::atomic::AtomicU64::new(0),
+            delay_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -142,6 +145,12 @@ impl FakeUpstream {
         self.inner.stream_interval_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Waits this long before answering each following request.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.inner.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// Compresses following responses with gzip (`content-encoding: gzip`).
     pub fn set_gzip(&self, on: bool) {
         self.inner.gzip.store(on, Ordering::Relaxed);
@@ -165,6 +174,10 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         body,
     };
     inner.recorded.lock().unwrap().push(recorded.clone());
+    let delay = inner.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
 
     let canned = inner.canned.lock().unwrap().clone();
     if let Some(c) = canned {

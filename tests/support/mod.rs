@@ -156,6 +156,8 @@ struct BackendSpec {
     name: String,
     url: String,
     key: Option<String>,
+    /// Extra `field: value` pairs for the backend's entry.
+    options: Vec<String>,
 }
 
 /// Describes a gateway to start.
@@ -188,7 +190,16 @@ impl GatewayBuilder {
             name: name.into(),
             url: url.into(),
             key: key.map(Into::into),
+            options: Vec::new(),
         });
+        self
+    }
+
+    /// A `field: value` for the last backend added, e.g. `request_timeout: 1s`.
+    pub fn backend_option(mut self, option: &str) -> Self {
+        if let Some(b) = self.backends.last_mut() {
+            b.options.push(option.to_string());
+        }
         self
     }
 
@@ -253,8 +264,9 @@ impl GatewayBuilder {
             if let Some(key) = &b.key {
                 write_key(&key_file, key, self.layout);
             }
+            let options: String = b.options.iter().map(|o| format!(", {o}")).collect();
             yaml.push_str(&format!(
-                "  - {{name: {:?}, url: {:?}, api_key_file: {:?}}}\n",
+                "  - {{name: {:?}, url: {:?}, api_key_file: {:?}{options}}}\n",
                 b.name,
                 b.url,
                 key_file.display().to_string()
@@ -270,13 +282,9 @@ impl GatewayBuilder {
         fs::write(&config_path, &yaml).unwrap();
 
         let extproc_log = root.join("extproc.log");
-        let mut cmd = Command::new(extproc_bin());
-        cmd.arg("--config")
-            .arg(&config_path)
-            .args(&self.args)
-            .stdout(fs::File::create(&extproc_log).unwrap())
-            .stderr(fs::File::create(root.join("extproc.stderr")).unwrap());
-        let extproc = ChildGuard::spawn("ai-gateway-extproc", cmd);
+        let mut extproc_args = vec!["--config".to_string(), config_path.display().to_string()];
+        extproc_args.extend(self.args.iter().cloned());
+        let extproc = spawn_extproc(&root, &extproc_args);
 
         // The Envoy bootstrap comes from the real `envoy-config` command.
         let rendered = Command::new(extproc_bin())
@@ -297,6 +305,7 @@ impl GatewayBuilder {
             None => extproc_listen.clone(),
         };
         let mut gw = Gateway {
+            extproc_args,
             extproc_addr,
             url: String::new(),
             admin_url: String::new(),
@@ -323,6 +332,7 @@ pub struct Gateway {
     pub admin_url: String,
     /// The extproc's gRPC address when it serves TCP (`tcp_extproc`).
     pub extproc_addr: String,
+    extproc_args: Vec<String>,
     pub envoy_admin_url: String,
     pub extproc_log: PathBuf,
     pub envoy_log: PathBuf,
@@ -502,6 +512,11 @@ impl Gateway {
         self.extproc = None;
     }
 
+    /// Starts the extproc again, as before; Envoy is not touched.
+    pub fn restart_extproc(&mut self) {
+        self.extproc = Some(spawn_extproc(self.dir.path(), &self.extproc_args));
+    }
+
     /// POSTs `body` (raw bytes) to `path` with JSON content type.
     pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
         self.request(reqwest::Method::POST, path, body, &[]).await
@@ -554,6 +569,22 @@ impl Drop for Gateway {
             eprintln!("--- envoy stderr ---\n{}", self.envoy_stderr());
         }
     }
+}
+
+/// Starts the processor with its output appended to the gateway's logs.
+fn spawn_extproc(root: &Path, args: &[String]) -> ChildGuard {
+    let append = |name: &str| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join(name))
+            .unwrap()
+    };
+    let mut cmd = Command::new(extproc_bin());
+    cmd.args(args)
+        .stdout(append("extproc.log"))
+        .stderr(append("extproc.stderr"));
+    ChildGuard::spawn("ai-gateway-extproc", cmd)
 }
 
 /// A response, fully read.
