@@ -15,6 +15,6 @@ scripts/check-run.sh
 echo "[test] cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --lib --bins --tests 2>&1 | tee "$log"
+cargo test --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"

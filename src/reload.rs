@@ -77,7 +77,19 @@ impl ConfigWatcher {
             return;
         }
         self.last_text = Some(text.clone());
-        let mut config = match Config::from_text(&text, &self.path) {
+        let mut parsed = Config::from_text(&text, &self.path);
+        if parsed.is_err() {
+            // An editor or `cp` writing in place shows a truncated file for
+            // a moment: look again before calling the file invalid.
+            tokio::time::sleep(crate::watch::TRANSIENT_RECHECK).await;
+            if let Ok(again) = tokio::fs::read_to_string(&self.path).await {
+                if again != text {
+                    parsed = Config::from_text(&again, &self.path);
+                    self.last_text = Some(again);
+                }
+            }
+        }
+        let mut config = match parsed {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(

@@ -175,7 +175,13 @@ impl SecretWatcher {
         changed |= self.files.len() != before;
 
         for source in sources {
-            let result = read_key_file(&source.file).await;
+            let mut result = read_key_file(&source.file).await;
+            if result.is_err() {
+                // Possibly caught mid-write (truncated, not yet written):
+                // look again before keeping the old key and logging.
+                tokio::time::sleep(crate::watch::TRANSIENT_RECHECK).await;
+                result = read_key_file(&source.file).await;
+            }
             let state = self.files.entry(source.file.clone()).or_default();
             let backends = source.backends.join(",");
             match result {

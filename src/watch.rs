@@ -25,6 +25,10 @@ use tokio::time::{Interval, MissedTickBehavior};
 /// or an in-place write is several events) before re-reading.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// How long to wait before reading a file again when it looked broken: a
+/// file rewritten in place is empty or half-written for a moment.
+pub const TRANSIENT_RECHECK: Duration = Duration::from_millis(100);
+
 /// Wakes its owner when any of a set of files may have changed.
 pub struct FileWatcher {
     events: mpsc::Receiver<()>,

@@ -54,7 +54,7 @@ async fn valid_config_applies_and_invalid_config_is_refused() {
         "backends: [oops",
         &moved.replace("backend: \"b\"", "backend: \"ghost\""),
     ] {
-        std::fs::write(&gw.config_path, bad).unwrap();
+        rename_key(&gw.config_path, bad);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(
             served_by(&gw, "m").await,

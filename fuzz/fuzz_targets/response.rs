@@ -1,0 +1,24 @@
+//! The response reader (content decoding, SSE or JSON, usage): never
+//! panics, whatever the bytes and the headers claim.
+#![no_main]
+
+use ai_gateway_extproc::openai::response::ResponseReader;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    let content_type: &[u8] = if flags & 1 == 0 { b"text/event-stream" } else { b"application/json" };
+    let encoding: Option<&[u8]> = match flags >> 1 & 3 {
+        0 => None,
+        1 => Some(b"gzip"),
+        2 => Some(b"deflate"),
+        _ => Some(b"br"),
+    };
+    let mut reader = ResponseReader::new(Some(content_type), encoding);
+    for chunk in body.chunks(1 + (flags as usize >> 3)) {
+        reader.push(chunk);
+    }
+    let _ = reader.finish();
+});
