@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::routes::glob_match;
-use crate::watch::FileWatcher;
+use crate::watch::{TextChange, TextFile};
 
 /// One client key, as kept in memory.
 #[derive(Debug)]
@@ -184,54 +184,49 @@ impl AccessControl {
 
 /// Watches the keys file and swaps in each valid new version.
 pub struct AccessWatcher {
-    path: PathBuf,
+    file: TextFile,
     access: Arc<AccessControl>,
-    poll_interval: Duration,
-    last: Option<String>,
 }
 
 impl AccessWatcher {
     pub fn new(path: PathBuf, access: Arc<AccessControl>, poll_interval: Duration) -> Self {
-        let last = std::fs::read_to_string(&path).ok();
         Self {
-            path,
+            file: TextFile::new(path, poll_interval),
             access,
-            poll_interval,
-            last,
         }
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut watcher = FileWatcher::new([self.path.as_path()], self.poll_interval);
         loop {
             tokio::select! {
-                _ = watcher.changed() => self.reload().await,
+                change = self.file.next_change() => self.apply(change).await,
                 _ = shutdown.changed() => return,
             }
         }
     }
 
-    async fn reload(&mut self) {
-        let text = match tokio::fs::read_to_string(&self.path).await {
-            Ok(t) => t,
-            Err(e) => {
-                if self.last.take().is_some() {
-                    tracing::error!(file = %self.path.display(), error = %e, "cannot read the client keys file; keeping the keys in force");
-                }
+    async fn apply(&mut self, change: TextChange) {
+        let file = self.file.path().display().to_string();
+        let text = match change {
+            TextChange::Changed(text) => text,
+            TextChange::Unreadable(e) => {
+                tracing::error!(file, error = %e, "cannot read the client keys file; keeping the keys in force");
                 return;
             }
         };
-        if self.last.as_deref() == Some(text.as_str()) {
-            return;
+        let mut parsed = ClientKeys::parse(&text);
+        if parsed.is_err() {
+            if let Some(again) = self.file.settle(&text).await {
+                parsed = ClientKeys::parse(&again);
+            }
         }
-        self.last = Some(text.clone());
-        match ClientKeys::parse(&text) {
+        match parsed {
             Ok(keys) => {
-                tracing::info!(file = %self.path.display(), keys = keys.len(), "client keys reloaded");
+                tracing::info!(file, keys = keys.len(), "client keys reloaded");
                 self.access.replace(Some(keys));
             }
             Err(message) => tracing::error!(
-                file = %self.path.display(),
+                file,
                 "client keys reload refused, the keys in force stay: {message}"
             ),
         }

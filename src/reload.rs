@@ -16,17 +16,14 @@ use crate::config::{Config, Overrides};
 use crate::envoy_config;
 use crate::secret::KeySource;
 use crate::state::{GatewayState, Snapshot};
-use crate::watch::FileWatcher;
+use crate::watch::{TextChange, TextFile};
 
 /// The task that watches the config file.
 pub struct ConfigWatcher {
-    path: PathBuf,
+    file: TextFile,
     overrides: Overrides,
     state: Arc<GatewayState>,
     key_sources: watch::Sender<Vec<KeySource>>,
-    poll_interval: Duration,
-    /// The file's content when last read, to skip re-parsing an unchanged file.
-    last_text: Option<String>,
 }
 
 impl ConfigWatcher {
@@ -37,56 +34,37 @@ impl ConfigWatcher {
         key_sources: watch::Sender<Vec<KeySource>>,
         poll_interval: Duration,
     ) -> Self {
-        let last_text = std::fs::read_to_string(&path).ok();
         Self {
-            path,
+            file: TextFile::new(path, poll_interval),
             overrides,
             state,
             key_sources,
-            poll_interval,
-            last_text,
         }
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut watcher = FileWatcher::new([self.path.as_path()], self.poll_interval);
         loop {
             tokio::select! {
-                _ = watcher.changed() => self.reload().await,
+                change = self.file.next_change() => self.apply(change).await,
                 _ = shutdown.changed() => return,
             }
         }
     }
 
-    async fn reload(&mut self) {
-        let text = match tokio::fs::read_to_string(&self.path).await {
-            Ok(t) => t,
-            Err(e) => {
-                if self.last_text.take().is_some() {
-                    tracing::error!(file = %self.path.display(), error = %e, "cannot read the config file; keeping the running configuration");
-                    self.state
-                        .metrics
-                        .config_reloads
-                        .with_label_values(&["failure"])
-                        .inc();
-                }
+    async fn apply(&mut self, change: TextChange) {
+        let text = match change {
+            TextChange::Changed(text) => text,
+            TextChange::Unreadable(e) => {
+                tracing::error!(file = %self.file.path().display(), error = %e, "cannot read the config file; keeping the running configuration");
+                self.count("failure");
                 return;
             }
         };
-        if self.last_text.as_deref() == Some(text.as_str()) {
-            return;
-        }
-        self.last_text = Some(text.clone());
-        let mut parsed = Config::from_text(&text, &self.path);
+        let path = self.file.path().to_path_buf();
+        let mut parsed = Config::from_text(&text, &path);
         if parsed.is_err() {
-            // An editor or `cp` writing in place shows a truncated file for
-            // a moment: look again before calling the file invalid.
-            tokio::time::sleep(crate::watch::TRANSIENT_RECHECK).await;
-            if let Ok(again) = tokio::fs::read_to_string(&self.path).await {
-                if again != text {
-                    parsed = Config::from_text(&again, &self.path);
-                    self.last_text = Some(again);
-                }
+            if let Some(again) = self.file.settle(&text).await {
+                parsed = Config::from_text(&again, &path);
             }
         }
         let mut config = match parsed {
@@ -95,11 +73,7 @@ impl ConfigWatcher {
                 tracing::error!(
                     "configuration reload refused, the running configuration stays: {e}"
                 );
-                self.state
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
+                self.count("failure");
                 return;
             }
         };
@@ -113,12 +87,16 @@ impl ConfigWatcher {
         let backends = snapshot.config.backends.len();
         self.state.replace(snapshot);
         self.key_sources.send_replace(sources);
+        self.count("success");
+        tracing::info!(file = %path.display(), backends, models, "configuration reloaded");
+    }
+
+    fn count(&self, result: &str) {
         self.state
             .metrics
             .config_reloads
-            .with_label_values(&["success"])
+            .with_label_values(&[result])
             .inc();
-        tracing::info!(file = %self.path.display(), backends, models, "configuration reloaded");
     }
 }
 

@@ -105,6 +105,70 @@ impl FileWatcher {
     }
 }
 
+/// A watched text file (the config, the client keys file), whose content is
+/// handed out only when it changed.
+pub struct TextFile {
+    path: PathBuf,
+    last: Option<String>,
+    watcher: FileWatcher,
+}
+
+/// What a watched text file did.
+pub enum TextChange {
+    Changed(String),
+    /// It cannot be read; reported once until it can be read again.
+    Unreadable(std::io::Error),
+}
+
+impl TextFile {
+    /// Watches `path`; its content now is the baseline, not a change.
+    pub fn new(path: PathBuf, poll_interval: Duration) -> Self {
+        let last = std::fs::read_to_string(&path).ok();
+        let watcher = FileWatcher::new([path.as_path()], poll_interval);
+        Self {
+            path,
+            last,
+            watcher,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next change of content.
+    pub async fn next_change(&mut self) -> TextChange {
+        loop {
+            self.watcher.changed().await;
+            match tokio::fs::read_to_string(&self.path).await {
+                Ok(text) if self.last.as_deref() == Some(text.as_str()) => {}
+                Ok(text) => {
+                    self.last = Some(text.clone());
+                    return TextChange::Changed(text);
+                }
+                Err(e) => {
+                    if self.last.take().is_some() {
+                        return TextChange::Unreadable(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// For content that did not parse: an editor or `cp` writing in place
+    /// shows a truncated file for a moment, so read again a little later.
+    /// Returns the new content if it changed meanwhile.
+    pub async fn settle(&mut self, text: &str) -> Option<String> {
+        tokio::time::sleep(TRANSIENT_RECHECK).await;
+        let again = tokio::fs::read_to_string(&self.path).await.ok()?;
+        if again == text {
+            return None;
+        }
+        self.last = Some(again.clone());
+        Some(again)
+    }
+}
+
 /// Opening or reading a file is not a change; without this filter our own
 /// re-read would wake us again, forever.
 fn is_change(kind: &EventKind) -> bool {
