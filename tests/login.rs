@@ -176,6 +176,14 @@ impl Login {
     }
 }
 
+/// A key file holding `sk-old`, in a directory of its own.
+fn old_key_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("apiKey");
+    std::fs::write(&key_file, "sk-old\n").unwrap();
+    (dir, key_file)
+}
+
 /// Plays the browser: follows the URL through the redirect to the callback.
 async fn browse(url: &str) -> (u16, String) {
     let r = client().get(url).send().await.expect("browser request");
@@ -243,9 +251,7 @@ async fn failures_exit_1_and_leave_the_old_key() {
         (Mode::ExchangeFails, "HTTP 500"),
         (Mode::NoKey, "without a usable `key`"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("apiKey");
-        std::fs::write(&key_file, "sk-old\n").unwrap();
+        let (dir, key_file) = old_key_file();
         let auth = fake_auth(mode).await;
         let mut login = Login::start(&[
             "--key-file",
@@ -274,9 +280,7 @@ async fn failures_exit_1_and_leave_the_old_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_callback_with_another_state_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("apiKey");
-    std::fs::write(&key_file, "sk-old\n").unwrap();
+    let (_dir, key_file) = old_key_file();
     let auth = fake_auth(Mode::Normal).await;
     let mut login = Login::start(&[
         "--key-file",
@@ -310,9 +314,7 @@ async fn a_callback_with_another_state_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn timeout_exits_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("apiKey");
-    std::fs::write(&key_file, "sk-old\n").unwrap();
+    let (_dir, key_file) = old_key_file();
     let auth = fake_auth(Mode::Normal).await;
     let mut login = Login::start(&[
         "--key-file",

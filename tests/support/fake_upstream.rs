@@ -253,15 +253,26 @@ fn json_response(status: StatusCode, body: String, name: &str, gzip: bool) -> Re
     } else {
         body.into_bytes()
     };
-    let mut r = Response::new(Body::from(body));
+    respond(status, Body::from(body), "application/json", name, gzip)
+}
+
+/// A response with the headers every fake answer carries: its type, its
+/// encoding, and which fake provider sent it.
+fn respond(
+    status: StatusCode,
+    body: Body,
+    content_type: &'static str,
+    name: &str,
+    gzip: bool,
+) -> Response {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/json"));
+    let headers = r.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static(content_type));
     if gzip {
-        r.headers_mut()
-            .insert("content-encoding", HeaderValue::from_static("gzip"));
+        headers.insert("content-encoding", HeaderValue::from_static("gzip"));
     }
-    r.headers_mut().insert(
+    headers.insert(
         HeaderName::from_static("x-fake-upstream"),
         HeaderValue::from_str(name).unwrap(),
     );
@@ -335,18 +346,11 @@ fn sse_response(
             let _ = tx.send(Ok(Bytes::from(frame))).await;
         }
     });
-    let mut r = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-    r.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
-    if gzip {
-        r.headers_mut()
-            .insert("content-encoding", HeaderValue::from_static("gzip"));
-    }
-    r.headers_mut().insert(
-        HeaderName::from_static("x-fake-upstream"),
-        HeaderValue::from_str(name).unwrap(),
-    );
-    r
+    respond(
+        StatusCode::OK,
+        Body::from_stream(ReceiverStream::new(rx)),
+        "text/event-stream",
+        name,
+        gzip,
+    )
 }
