@@ -36,7 +36,10 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTPROC = ROOT / "target/release/ai-gateway-extproc"
 FAKE_UPSTREAM = ROOT / "target/release/examples/fake_upstream"
+NULL_EXTPROC = ROOT / "target/release/examples/null_extproc"
 ENVOY = ROOT / ".venv/bin/envoy"
+# The real executable behind the .venv launcher, for valgrind.
+ENVOY_EXE = next(iter(sorted((ROOT / ".venv/lib").glob("python3*/site-packages/envoy/_bin/envoy"))), ENVOY)
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi."}]})
 CHAT_STREAM = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
@@ -236,6 +239,61 @@ def variant(bootstrap, name):
     return bootstrap
 
 
+def start_null_extproc(procs, workdir, upstream_port, name):
+    """Envoy + the null processor (examples/null_extproc.rs): the floor."""
+    cfg, _ = gateway_config(workdir, upstream_port, "uds", name=name)
+    listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
+    procs.start(f"null-extproc-{name}", [str(NULL_EXTPROC), listen, "bench"])
+    sock = pathlib.Path(listen.removeprefix("unix:"))
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: the null processor did not start")
+        time.sleep(0.05)
+    return render(cfg)
+
+
+def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
+    """Envoy's instructions per request, counted by callgrind: unlike CPU
+    time, the count repeats run after run whatever the neighbours do."""
+    bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    path = workdir / f"envoy-cg-{name}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    out = workdir / f"callgrind-{name}.out"
+    p = procs.start(f"envoy-cg-{name}", ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                         str(ENVOY_EXE), "-c", str(path), "--concurrency", "1",
+                                         "--disable-hot-restart", "--log-level", "error"])
+    port = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/v1/chat/completions", timeout=300, method="POST", body=body,
+              headers={"content-type": "application/json"})
+
+    def load(n):
+        args = [os.environ.get("OHA", "oha"), "-n", str(n), "-c", "4", "--no-tui", "--output-format", "json",
+                "-m", "POST", "-H", "content-type: application/json", "-d", body, url + "/v1/chat/completions"]
+        r = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+        if set(r.get("statusCodeDistribution", {})) != {"200"}:
+            raise SystemExit(f"bench: failed requests under callgrind: {r.get('statusCodeDistribution')}")
+
+    load(50)  # warm-up: connections, pools
+    subprocess.run(["callgrind_control", "--zero", str(p.pid)], check=True, capture_output=True)
+    load(requests)
+    before = set(workdir.glob(f"callgrind-{name}.out*"))
+    subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    while True:
+        dumps = [f for f in workdir.glob(f"callgrind-{name}.out*") if f not in before and f.stat().st_size]
+        totals = [line for f in dumps for line in f.read_text(errors="replace").splitlines()
+                  if line.startswith(("summary:", "totals:"))]
+        if totals:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: callgrind wrote no dump")
+        time.sleep(0.2)
+    procs.stop(p)
+    return int(totals[0].split()[1]) / requests
+
+
 def oha(url, seconds, connections, body, stream=False, rate=None):
     args = [os.environ.get("OHA", "oha"), "-z", f"{seconds}s", "-c", str(connections), "--no-tui",
             "--output-format", "json", "-m", "POST", "-H", "content-type: application/json", "-d", body,
@@ -344,6 +402,10 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench/RESULTS.md"))
     ap.add_argument("--variants", action="store_true",
                     help="also measure bootstrap variants (no response phases, response headers skipped)")
+    ap.add_argument("--no-instructions", dest="instructions", action="store_false",
+                    help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
+    ap.add_argument("--instruction-requests", type=int, default=400,
+                    help="requests per callgrind count")
     a = ap.parse_args()
     rates = [int(r) for r in a.rates.split(",")]
 
@@ -387,6 +449,19 @@ def main():
 
         saturate("chat", False)
         saturate("stream", True)
+        # The floor: the same Envoy with a processor that does nothing. No
+        # processor can cost less than the ext_proc mechanism itself.
+        url_f = start_envoy(procs, workdir, "floor", start_null_extproc(procs, workdir, up, "floor"))
+        floor_min = start_null_extproc(procs, workdir, up, "floormin")
+        filter_config(floor_min)["processing_mode"]["response_header_mode"] = "SKIP"
+        url_fm = start_envoy(procs, workdir, "floormin", floor_min)
+        for url in (url_f, url_fm):
+            oha(url, 2, a.connections, CHAT)
+        (ra, rf, rfm), _ = alternate([url_a, url_f, url_fm], body=CHAT)
+        rows.append(("floor: Envoy + a null processor, same phases: chat throughput (req/s)", f"{ra['rps']:,.0f}",
+                     f"{rf['rps']:,.0f}", f"B/A {rf['rps'] / ra['rps']:.2f}", ""))
+        rows.append(("floor: Envoy + a null processor, request phases only: chat throughput (req/s)",
+                     f"{ra['rps']:,.0f}", f"{rfm['rps']:,.0f}", f"B/A {rfm['rps'] / ra['rps']:.2f}", ""))
         if a.variants:
             for name in ("no-response-phases", "skip-response-headers"):
                 url_v = start_envoy(procs, workdir, name, variant(render(cfg_uds), name))
@@ -410,6 +485,15 @@ def main():
         before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
+        if a.instructions:
+            n = a.instruction_requests
+            ia = envoy_instructions(procs, workdir, "a", plain_envoy(render(cfg_uds)), n)
+            ib = envoy_instructions(procs, workdir, "b", render(cfg_uds), n)
+            i_f = envoy_instructions(procs, workdir, "floor", start_null_extproc(procs, workdir, up, "cgfloor"), n)
+            rows.append(("chat: Envoy instructions per request (callgrind)", f"{ia / 1000:,.0f} k", f"{ib / 1000:,.0f} k",
+                         f"A/B {ia / ib:.2f}", ""))
+            rows.append(("floor: Envoy instructions per request with the null processor, same phases", f"{ia / 1000:,.0f} k",
+                         f"{i_f / 1000:,.0f} k", f"A/B {ia / i_f:.2f}", ""))
     finally:
         procs.stop_all()
 

@@ -2,8 +2,9 @@
 # Benchmarks the gateway against plain Envoy and writes bench/RESULTS.md.
 #   scripts/bench.sh [--seconds 10] [--connections 32] [--rates 500,1000,2000]
 # Installs what is missing: .venv (scripts/setup.sh), nginx (Debian package,
-# the fast upstream), oha (crates.io, the load generator, into .venv/bin),
-# and builds the release binaries.
+# the fast upstream), valgrind (Debian package, counts Envoy's instructions),
+# oha (crates.io, the load generator, into .venv/bin), and builds the
+# release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,12 +20,21 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     exit 1
   fi
 fi
+if ! command -v valgrind >/dev/null 2>&1 && ! printf '%s\n' "$@" | grep -qx -- --no-instructions; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing valgrind (counts Envoy's instructions per request)"
+    apt-get install -y -q valgrind >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q valgrind >/dev/null; }
+  else
+    say "valgrind is needed to count instructions: install it, or pass --no-instructions" >&2
+    exit 1
+  fi
+fi
 OHA_VERSION=1.16.0
 if ! .venv/bin/oha --version 2>/dev/null | grep -q "$OHA_VERSION"; then
   say "installing oha $OHA_VERSION into .venv/bin"
   cargo install --quiet --locked --root .venv oha --version "$OHA_VERSION"
 fi
 say "building the release binaries"
-cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream
+cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream --example null_extproc
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PATH="$PWD/.venv/bin:$PATH" OHA="$PWD/.venv/bin/oha" exec .venv/bin/python bench/bench.py "$@"
