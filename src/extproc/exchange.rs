@@ -5,11 +5,11 @@
 //!
 //! Envoy's processing mode for the filter (rendered by `envoy_config`):
 //! request headers SEND, request body BUFFERED, response headers SEND,
-//! response body NONE unless this exchange asks for it. So a POST is seen
-//! as its headers, then its whole body in one message; a GET as its
-//! headers only. A successful provider response switches its own body to
-//! STREAMED, so each chunk passes through the processor on its way (read
-//! for usage, never held back or changed).
+//! response body STREAMED (sent without waiting for the headers' answer).
+//! So a POST is seen as its headers, then its whole body in one message; a
+//! GET as its headers only; a response as its headers, then its body chunk
+//! by chunk as it passes (a successful inference body is read for usage;
+//! no body is ever held back or changed).
 //!
 //! Security rules enforced here, on every request that is forwarded:
 //! - the client's credentials and gateway-internal headers are removed;
@@ -227,13 +227,12 @@ impl Exchange {
             changes.body = Some(rewritten);
         }
         self.count("routed", "");
-        let metadata = report::route_metadata(&route.backend.name, Some(&summary.model));
         self.forwarded = Some(Forwarded {
             backend: Arc::clone(&route.backend),
             model: Some(summary.model.into_owned()),
             stream: summary.stream,
         });
-        reply::with_metadata(reply::request_body(changes), metadata)
+        reply::request_body(changes)
     }
 
     /// `GET /v1/models[/{id}]`: the catch-all backend's own answer if there
@@ -253,10 +252,7 @@ impl Exchange {
                 stream: false,
             });
             self.count("routed", "");
-            return reply::with_metadata(
-                reply::request_headers(changes),
-                report::route_metadata(&backend.name, None),
-            );
+            return reply::request_headers(changes);
         }
         let body = match endpoint {
             Endpoint::Model => {
@@ -302,9 +298,10 @@ impl Exchange {
         if !read_body {
             return reply::response_headers(Changes::default());
         }
-        // Envoy sends the body in chunks from now on. `content-length` goes:
-        // the body is streamed through, and a stale length would cut it.
-        reply::stream_response_body(Changes {
+        // Envoy sends the body in chunks (STREAMED, without waiting for this
+        // answer). `content-length` goes: the body is streamed through, and
+        // a stale length would cut it.
+        reply::response_headers(Changes {
             remove: vec!["content-length".into()],
             ..Changes::default()
         })
@@ -323,18 +320,25 @@ impl Exchange {
         if !chunk.end_of_stream {
             return reply::response_body(Changes::default());
         }
-        let observed = response.reader.take().map(ResponseReader::finish);
-        let backend = self.forwarded.as_ref().map(|f| f.backend.name.clone());
-        let observed = match (observed, backend) {
-            (Some(Ok(o)), Some(backend)) => {
+        // A body the gateway does not read (an error, a model list) passes
+        // as it is; the exchange is reported when Envoy closes the stream.
+        let Some(reader) = response.reader.take() else {
+            return reply::response_body(Changes::default());
+        };
+        let Some(fwd) = self.forwarded.as_ref() else {
+            return reply::response_body(Changes::default());
+        };
+        let backend = &*fwd.backend.name;
+        let observed = match reader.finish() {
+            Ok(o) => {
                 if o.usage.is_empty() {
-                    self.usage_unavailable(&backend, "not_reported");
+                    self.usage_unavailable(backend, "not_reported");
                 }
                 o
             }
-            (Some(Err(e)), Some(backend)) => {
+            Err(e) => {
                 self.usage_unavailable(
-                    &backend,
+                    backend,
                     match e {
                         Unreadable::Encoding => "encoding",
                         Unreadable::Corrupt => "corrupt",
@@ -342,9 +346,8 @@ impl Exchange {
                 );
                 Observed::default()
             }
-            _ => Observed::default(),
         };
-        let metadata = report::usage_metadata(&observed);
+        let metadata = report::response_metadata(backend, fwd.model.as_deref(), &observed);
         if let Some(r) = self.response.as_mut() {
             r.observed = Some(observed);
         }

@@ -6,13 +6,36 @@ use super::INTERNAL_HEADER_PREFIX;
 
 /// Headers through which a client could hand a provider its own key. They
 /// are removed from every forwarded request: only the gateway's key leaves.
-const CREDENTIAL_HEADERS: &[&str] = &[
+pub const CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
     "api-key",
     "x-goog-api-key",
     "proxy-authorization",
 ];
+
+/// The other headers the processor reads, request and response. Envoy sends
+/// the processor only these, the credential headers and the internal prefix
+/// (`forward_rules` in the rendered bootstrap): every header left out is
+/// work saved on Envoy's worker. A header read here must be listed, or it
+/// never arrives.
+pub const READ_HEADERS: &[&str] = &[
+    ":method",
+    ":path",
+    "x-request-id",
+    "content-length",
+    ":status",
+    "content-type",
+    "content-encoding",
+    "retry-after",
+];
+
+/// Whether Envoy forwards header `name` (lower-case) to the processor.
+pub fn is_forwarded(name: &str) -> bool {
+    READ_HEADERS.contains(&name)
+        || CREDENTIAL_HEADERS.contains(&name)
+        || name.starts_with(INTERNAL_HEADER_PREFIX)
+}
 
 /// The request facts the gateway needs from the header map.
 #[derive(Debug, Default)]
@@ -141,6 +164,36 @@ mod tests {
                 "x-ai-eg-anything"
             ]
         );
+    }
+
+    /// Envoy forwards only some headers (`forward_rules`): what the
+    /// processor makes of a full header map must not change when the
+    /// others are left out.
+    #[test]
+    fn every_header_read_is_forwarded() {
+        let all = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "gw"),
+            ("x-request-id", "abc"),
+            ("content-length", "42"),
+            ("content-type", "application/json"),
+            ("user-agent", "kilo"),
+            ("authorization", "Bearer client"),
+            ("x-api-key", "k"),
+            ("api-key", "k"),
+            ("x-goog-api-key", "k"),
+            ("proxy-authorization", "Basic k"),
+            ("x-ai-eg-backend", "evil"),
+        ];
+        let full = RequestHead::from_headers(Some(&map(&all)));
+        let forwarded: Vec<_> = all.into_iter().filter(|(k, _)| is_forwarded(k)).collect();
+        assert!(forwarded.len() < all.len(), "the test must leave some out");
+        let seen = RequestHead::from_headers(Some(&map(&forwarded)));
+        assert_eq!(format!("{full:?}"), format!("{seen:?}"));
+        for name in [":status", "content-type", "content-encoding", "retry-after"] {
+            assert!(is_forwarded(name), "{name} is read from responses");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `exchange` decides; `reply` knows Envoy's protobuf shapes.
 
 mod exchange;
-mod headers;
+pub mod headers;
 pub mod listener;
 mod reply;
 pub mod report;

@@ -4,10 +4,6 @@
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
 };
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
-    BodySendMode, HeaderSendMode,
-};
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation, common_response::ResponseStatus, processing_response::Response, BodyMutation,
@@ -86,21 +82,6 @@ pub fn response_body(changes: Changes) -> ProcessingResponse {
     wrap(Response::ResponseBody(BodyResponse {
         response: changes.into_common(),
     }))
-}
-
-/// Response headers, continuing, and from now on the response body comes
-/// to the processor chunk by chunk (STREAMED): it reads, Envoy forwards.
-pub fn stream_response_body(changes: Changes) -> ProcessingResponse {
-    let mut response = response_headers(changes);
-    response.mode_override = Some(ProcessingMode {
-        request_header_mode: HeaderSendMode::Default as i32,
-        response_header_mode: HeaderSendMode::Default as i32,
-        request_body_mode: BodySendMode::None as i32,
-        response_body_mode: BodySendMode::Streamed as i32,
-        request_trailer_mode: HeaderSendMode::Default as i32,
-        response_trailer_mode: HeaderSendMode::Default as i32,
-    });
-    response
 }
 
 /// Adds Envoy dynamic metadata to a response.

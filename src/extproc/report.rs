@@ -131,17 +131,11 @@ pub fn record(metrics: &Metrics, c: &Completion<'_>) {
     }
 }
 
-/// Dynamic metadata naming the route: set when the request is forwarded.
-pub fn route_metadata(backend: &str, model: Option<&str>) -> Struct {
-    let mut fields = vec![("backend", string(backend))];
-    if let Some(m) = model {
-        fields.push(("model", string(m)));
-    }
-    namespaced(fields)
-}
-
-/// Dynamic metadata with the token counts: set when the response ends.
-pub fn usage_metadata(observed: &Observed) -> Struct {
+/// Dynamic metadata with the route and the token counts, set once, when a
+/// successful response ends: each write costs Envoy's worker a protobuf
+/// merge, so there is one per request. Until then the routing headers
+/// (`x-ai-eg-backend`, `x-ai-eg-model`) name the route.
+pub fn response_metadata(backend: &str, model: Option<&str>, observed: &Observed) -> Struct {
     let TokenUsage {
         input,
         output,
@@ -149,7 +143,10 @@ pub fn usage_metadata(observed: &Observed) -> Struct {
         reasoning,
         ..
     } = observed.usage;
-    let mut fields = Vec::new();
+    let mut fields = vec![("backend", string(backend))];
+    if let Some(m) = model {
+        fields.push(("model", string(m)));
+    }
     for (key, value) in [
         ("input_tokens", input),
         ("output_tokens", output),
