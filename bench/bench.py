@@ -228,6 +228,7 @@ def variant(bootstrap, name):
     if name == "no-response-phases":
         # Upper bound of this design: no usage counting, no upstream status.
         mode["response_header_mode"] = "SKIP"
+        mode["response_body_mode"] = "NONE"
     elif name == "skip-response-headers":
         # Response body streamed from the start, status as an attribute.
         mode["response_header_mode"] = "SKIP"
