@@ -7,12 +7,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use super::grpc::ExtProcEndpoint;
 use super::ExtProcService;
 use crate::config::ListenAddr;
 
@@ -81,18 +81,12 @@ impl ExtProcListener {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let limit = max_request_body_bytes.saturating_add(MESSAGE_OVERHEAD);
-        let grpc = ExternalProcessorServer::new(service)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+        let grpc = ExtProcEndpoint::new(service, limit);
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<ExternalProcessorServer<ExtProcService>>()
-            .await;
+        health.set_serving::<ExtProcEndpoint>().await;
         let shutdown = async move {
             shutdown.await;
-            health
-                .set_not_serving::<ExternalProcessorServer<ExtProcService>>()
-                .await;
+            health.set_not_serving::<ExtProcEndpoint>().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

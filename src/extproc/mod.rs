@@ -1,10 +1,12 @@
 //! The Envoy external processor: the gRPC service, the per-request state
 //! machine it drives, and the builders of Envoy's response messages.
 //!
-//! `service` only moves messages between Envoy and an [`Exchange`];
-//! `exchange` decides; `reply` knows Envoy's protobuf shapes.
+//! `grpc` serves the gRPC method; `service` only moves messages between
+//! Envoy and an [`Exchange`]; `exchange` decides; `reply` knows Envoy's
+//! protobuf shapes.
 
 mod exchange;
+mod grpc;
 pub mod headers;
 pub mod listener;
 mod reply;

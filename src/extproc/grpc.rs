@@ -1,0 +1,119 @@
+//! The ext_proc gRPC endpoint, with small per-stream codec buffers.
+//!
+//! Envoy opens one gRPC stream per HTTP request, so a gateway carrying
+//! 1,000 streams (long SSE answers) holds 1,000 of them at once. tonic's
+//! prost codec allocates an 8 KiB decode and an 8 KiB encode buffer per
+//! stream up front: 16 MiB for 1,000 streams, more than everything else
+//! the processor holds (measured in `bench/RESULTS.md`). Nearly all messages
+//! are far smaller (headers, SSE chunks, short answers); the buffers grow
+//! when a large body comes, so 1 KiB to start costs nothing there.
+//!
+//! The generated `ExternalProcessorServer` hard-codes the default codec, so
+//! this endpoint does its one job (route the `Process` method to the
+//! service through the smaller codec) and nothing else.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use tonic::codec::{BufferSettings, Codec};
+use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use super::ExtProcService;
+
+const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+/// Initial (and growth step of) each stream's codec buffers.
+const BUFFER_BYTES: usize = 1024;
+/// tonic's default: how much encoded output is batched before yielding.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// The `ExternalProcessor` gRPC service as served to Envoy.
+#[derive(Clone)]
+pub struct ExtProcEndpoint {
+    service: Arc<ExtProcService>,
+    max_message_bytes: usize,
+}
+
+impl ExtProcEndpoint {
+    /// `max_message_bytes` bounds each message both ways: the largest
+    /// request body plus protobuf overhead.
+    pub fn new(service: ExtProcService, max_message_bytes: usize) -> Self {
+        Self {
+            service: Arc::new(service),
+            max_message_bytes,
+        }
+    }
+}
+
+impl NamedService for ExtProcEndpoint {
+    const NAME: &'static str = "envoy.service.ext_proc.v3.ExternalProcessor";
+}
+
+impl<B> Service<http::Request<B>> for ExtProcEndpoint
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != PROCESS_PATH {
+            let unimplemented = Status::unimplemented("only ExternalProcessor/Process is served");
+            return Box::pin(async move { Ok(unimplemented.into_http()) });
+        }
+        let process = Process(Arc::clone(&self.service));
+        let limit = Some(self.max_message_bytes);
+        Box::pin(async move {
+            let mut grpc = Grpc::new(SmallBufferCodec).apply_max_message_size_config(limit, limit);
+            Ok(grpc.streaming(process, request).await)
+        })
+    }
+}
+
+/// The `Process` method, as tonic's server machinery calls it.
+struct Process(Arc<ExtProcService>);
+
+impl StreamingService<ProcessingRequest> for Process {
+    type Response = ProcessingResponse;
+    type ResponseStream = <ExtProcService as ExternalProcessor>::ProcessStream;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<ProcessingRequest>>) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move { service.process(request).await })
+    }
+}
+
+/// tonic's prost codec with [`BUFFER_BYTES`] buffers.
+#[derive(Clone, Copy)]
+struct SmallBufferCodec;
+
+impl Codec for SmallBufferCodec {
+    type Encode = ProcessingResponse;
+    type Decode = ProcessingRequest;
+    type Encoder = ProstEncoder<ProcessingResponse>;
+    type Decoder = ProstDecoder<ProcessingRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_encoder(settings())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_decoder(settings())
+    }
+}
+
+fn settings() -> BufferSettings {
+    BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
+}
