@@ -362,6 +362,58 @@ mod tests {
         Config::from_text(yaml, Path::new("t.yaml")).unwrap()
     }
 
+    /// The rendered `forward_rules` let through exactly the headers the
+    /// processor's own rule says it reads.
+    #[test]
+    fn forwarded_headers_match_what_the_processor_reads() {
+        let c = config(
+            "backends: [{name: b, url: 'http://127.0.0.1:1', api_key_file: k}]\nmodels: [{name: '*', backend: b}]\n",
+        );
+        let v: Value = serde_yaml_ng::from_str(&render(&c).unwrap()).unwrap();
+        let filters = &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["http_filters"];
+        let patterns = filters[0]["typed_config"]["forward_rules"]["allowed_headers"]["patterns"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let rendered_allows = |name: &str| {
+            patterns.iter().any(|p| {
+                p["exact"].as_str() == Some(name)
+                    || p["prefix"]
+                        .as_str()
+                        .is_some_and(|pre| name.starts_with(pre))
+            })
+        };
+        for name in [
+            ":method",
+            ":path",
+            ":authority",
+            ":status",
+            "x-request-id",
+            "content-length",
+            "content-type",
+            "content-encoding",
+            "retry-after",
+            "user-agent",
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "proxy-authorization",
+            "x-ai-eg-backend",
+            "x-ai-eg-model",
+            "cookie",
+            "accept",
+        ] {
+            assert_eq!(
+                rendered_allows(name),
+                crate::extproc::headers::is_forwarded(name),
+                "{name}"
+            );
+        }
+        assert!(!rendered_allows("user-agent"), "the rules must filter");
+    }
+
     #[test]
     fn tls_backend_gets_sni_and_system_cas() {
         let c = config(

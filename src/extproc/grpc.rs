@@ -13,7 +13,6 @@
 //! service through the smaller codec) and nothing else.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -35,7 +34,7 @@ const YIELD_THRESHOLD: usize = 32 * 1024;
 /// The `ExternalProcessor` gRPC service as served to Envoy.
 #[derive(Clone)]
 pub struct ExtProcEndpoint {
-    service: Arc<ExtProcService>,
+    service: ExtProcService,
     max_message_bytes: usize,
 }
 
@@ -44,7 +43,7 @@ impl ExtProcEndpoint {
     /// request body plus protobuf overhead.
     pub fn new(service: ExtProcService, max_message_bytes: usize) -> Self {
         Self {
-            service: Arc::new(service),
+            service,
             max_message_bytes,
         }
     }
@@ -72,7 +71,7 @@ where
             let unimplemented = Status::unimplemented("only ExternalProcessor/Process is served");
             return Box::pin(async move { Ok(unimplemented.into_http()) });
         }
-        let process = Process(Arc::clone(&self.service));
+        let process = Process(self.service.clone());
         let limit = Some(self.max_message_bytes);
         Box::pin(async move {
             let mut grpc = Grpc::new(SmallBufferCodec).apply_max_message_size_config(limit, limit);
@@ -81,8 +80,9 @@ where
     }
 }
 
-/// The `Process` method, as tonic's server machinery calls it.
-struct Process(Arc<ExtProcService>);
+/// The `Process` method, as tonic's server machinery calls it. The
+/// service is a handle (an `Arc` inside): cloning it per call is cheap.
+struct Process(ExtProcService);
 
 impl StreamingService<ProcessingRequest> for Process {
     type Response = ProcessingResponse;
@@ -90,7 +90,7 @@ impl StreamingService<ProcessingRequest> for Process {
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<Streaming<ProcessingRequest>>) -> Self::Future {
-        let service = Arc::clone(&self.0);
+        let service = self.0.clone();
         Box::pin(async move { service.process(request).await })
     }
 }

@@ -193,3 +193,39 @@ fn number(n: u64) -> Value {
         kind: Some(Kind::NumberValue(n as f64)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one metadata write carries the route as well as the counts.
+    #[test]
+    fn response_metadata_names_the_route_and_the_counts() {
+        let observed = Observed {
+            model: Some("gpt-4o-mini-2024-07-18".into()),
+            usage: TokenUsage {
+                input: Some(9),
+                output: Some(4),
+                ..TokenUsage::default()
+            },
+        };
+        let metadata = response_metadata("tars", Some("gpt-4o-mini"), &observed);
+        let Some(Kind::StructValue(inner)) = metadata.fields[METADATA_NAMESPACE].kind.clone()
+        else {
+            panic!("no {METADATA_NAMESPACE} struct: {metadata:?}");
+        };
+        let field = |k: &str| inner.fields.get(k).and_then(|v| v.kind.clone());
+        assert_eq!(field("backend"), Some(Kind::StringValue("tars".into())));
+        assert_eq!(
+            field("model"),
+            Some(Kind::StringValue("gpt-4o-mini".into()))
+        );
+        assert_eq!(
+            field("response_model"),
+            Some(Kind::StringValue("gpt-4o-mini-2024-07-18".into()))
+        );
+        assert_eq!(field("input_tokens"), Some(Kind::NumberValue(9.0)));
+        assert_eq!(field("total_tokens"), Some(Kind::NumberValue(13.0)));
+        assert_eq!(field("reasoning_tokens"), None);
+    }
+}
