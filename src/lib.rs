@@ -6,11 +6,11 @@
 //! Envoy where to send the request and with which key. Module map:
 //!
 //! - [`config`]: the configuration file, loaded and validated;
-//! - [`access`]: optional gateway keys clients must present;
+//! - [`client_keys`]: optional gateway keys clients must present;
 //! - [`routes`]: model → backend rules ([`routes::RouteTable`]);
-//! - [`secret`]: provider keys and their file watcher ([`secret::SecretWatcher`]);
+//! - [`provider_keys`]: provider keys and their file watcher;
 //! - [`watch`]: "this file may have changed" notifications;
-//! - [`reload`]: configuration hot reload;
+//! - [`config_reload`]: configuration hot reload;
 //! - [`state`]: the immutable snapshot the data path reads;
 //! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
 //! - [`extproc`]: the gRPC service and the per-request state machine;
@@ -18,18 +18,18 @@
 //! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations;
 //! - [`login`]: `ai-gateway-extproc login`, a key by OAuth PKCE.
 
-pub mod access;
 pub mod admin;
+pub mod client_keys;
 pub mod config;
+pub mod config_reload;
 pub mod envoy_config;
 pub mod extproc;
 pub mod logging;
 pub mod login;
 pub mod metrics;
 pub mod openai;
-pub mod reload;
+pub mod provider_keys;
 pub mod routes;
-pub mod secret;
 pub mod shutdown;
 pub mod state;
 pub mod watch;

@@ -11,15 +11,15 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use ai_gateway_extproc::access::{AccessControl, AccessWatcher, ClientKeys};
+use ai_gateway_extproc::client_keys::{AccessControl, AccessWatcher, ClientKeys};
 use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
 use ai_gateway_extproc::extproc::ExtProcService;
 use ai_gateway_extproc::logging::{self, LogFormat};
 use ai_gateway_extproc::login::{LoginOptions, Output};
 use ai_gateway_extproc::metrics::Metrics;
-use ai_gateway_extproc::reload::ConfigWatcher;
-use ai_gateway_extproc::secret::{KeyStore, SecretWatcher};
+use ai_gateway_extproc::config_reload::ConfigWatcher;
+use ai_gateway_extproc::provider_keys::{KeyStore, SecretWatcher};
 use ai_gateway_extproc::state::{GatewayState, Snapshot};
 use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::access::AccessControl;
+use crate::client_keys::AccessControl;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::openai::models;
 use crate::routes::RouteTable;
-use crate::secret::{sources_of, KeySource, KeyStore};
+use crate::provider_keys::{sources_of, KeySource, KeyStore};
 
 /// Everything derived from one configuration that requests need.
 pub struct Snapshot {

@@ -29,7 +29,7 @@ use super::headers::{header, response_status, RequestHead};
 use super::reply::{self, set_header, Changes};
 use super::report::{self, Completion, Outcome};
 use super::{BACKEND_HEADER, MODEL_HEADER};
-use crate::access::ClientKey;
+use crate::client_keys::ClientKey;
 use crate::metrics::Phase;
 use crate::openai::error::ApiError;
 use crate::openai::request::{rewrite_model, summarize};
@@ -37,7 +37,7 @@ use crate::openai::response::{ResponseReader, Unreadable};
 use crate::openai::usage::Observed;
 use crate::openai::{models, Endpoint};
 use crate::routes::Backend;
-use crate::secret::ApiKey;
+use crate::provider_keys::ApiKey;
 use crate::state::{GatewayState, Snapshot};
 
 /// The per-request state machine.

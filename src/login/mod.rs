@@ -192,7 +192,7 @@ async fn exchange(url: &url::Url, code: &str, verifier: &str) -> Result<String, 
     let key = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("key")?.as_str().map(str::trim).map(str::to_owned))
-        .filter(|k| crate::secret::parse_key(k.as_bytes()).is_ok());
+        .filter(|k| crate::provider_keys::parse_key(k.as_bytes()).is_ok());
     key.ok_or(LoginError::NoKey { url: url_text })
 }
 

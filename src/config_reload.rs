@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Overrides};
 use crate::envoy_config;
-use crate::secret::KeySource;
+use crate::provider_keys::KeySource;
 use crate::state::{GatewayState, Snapshot};
 use crate::watch::{TextChange, TextFile};
 
