@@ -1,36 +1,49 @@
-//! Who may spend the provider key: optional gateway keys that clients must
-//! present (`Authorization: Bearer <key>` or `x-api-key`), each with the
-//! models it may use.
+//! Client keys: the gateway keys clients must present (`Authorization:
+//! Bearer <key>` or `x-api-key`) when `client_keys.file` is configured, each
+//! with the models it may use.
 //!
-//! The keys file (`client_keys.file` in the config) is YAML:
+//! The keys file is YAML:
 //!
 //! ```yaml
 //! keys:
 //!   - name: ci                     # shown in logs
-//!     sha256: 5e884898da28...      # hex SHA-256 of the key (preferred)
+//!     sha256: 3f1b9c...            # hex SHA-256 of the key (preferred)
 //!     models: ["gpt-4o-mini", "claude-*"]   # globs; absent: every model
 //!   - name: alice
-//!     key: gw-alice-secret         # or the key itself; hashed at load
+//!     key: gw-alice-3c1f0b2e9d5a   # or the key itself; hashed at load
 //! ```
 //!
 //! Only digests are kept in memory. A presented key is hashed and compared
 //! with every stored digest in constant time, so neither the comparison nor
-//! its timing tells anything about a stored key. The file is watched like
-//! the config: a valid new file applies to new requests, an invalid one is
-//! refused and the old keys stay.
+//! its timing tells anything about a stored key.
+//!
+//! A file that would let a request in without a real key is refused at
+//! load, naming the entry: the digest of the empty string (what
+//! `printf %s "$KEY" | sha256sum` prints when `$KEY` is unset) and keys
+//! shorter than [`MIN_KEY_LEN`]. A request without a credential never
+//! matches an entry.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::watch;
 
+use crate::regular_file::ReadError;
 use crate::routes::glob_match;
-use crate::watch::{TextChange, TextFile};
+use crate::watched_file::{self, Reload};
+
+/// Shortest key accepted in the `key:` form: a gateway key must not be
+/// guessable.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// SHA-256 of the empty string: never a key.
+const EMPTY_DIGEST: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
 
 /// One client key, as kept in memory.
 #[derive(Debug)]
@@ -47,23 +60,52 @@ impl ClientKey {
     }
 }
 
-/// A loaded keys file.
+/// The keys of one version of the keys file.
 #[derive(Debug, Default)]
-pub struct ClientKeys {
+pub struct ClientKeySet {
     keys: Vec<Arc<ClientKey>>,
+}
+
+/// What is wrong with one entry of the keys file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryProblem {
+    #[error("give exactly one of `sha256` or `key`")]
+    NotOneOf,
+    #[error("sha256 must be 64 hex digits")]
+    BadDigest,
+    #[error("sha256 is the digest of the empty string (was the key's variable unset when it was hashed?)")]
+    EmptyDigest,
+    #[error("the key is shorter than {MIN_KEY_LEN} characters")]
+    TooShort,
 }
 
 /// Why a keys file cannot be used. Never contains a key.
 #[derive(Debug, thiserror::Error)]
-pub enum AccessError {
+pub enum ClientKeysError {
     #[error("cannot read client keys file {path}: {source}")]
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: ReadError,
     },
-    #[error("client keys file {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// serde's messages can quote the offending value: only the place is kept.
+    #[error("client keys file {path}: not a valid keys file{}", at(*.line))]
+    Syntax {
+        path: PathBuf,
+        line: Option<(usize, usize)>,
+    },
+    #[error("client keys file {path}: keys[{index}] ({name:?}): {problem}")]
+    Entry {
+        path: PathBuf,
+        index: usize,
+        name: String,
+        problem: EntryProblem,
+    },
+}
+
+fn at(line: Option<(usize, usize)>) -> String {
+    line.map(|(l, c)| format!(" (line {l}, column {c})"))
+        .unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -84,43 +126,31 @@ struct Entry {
     models: Vec<String>,
 }
 
-impl ClientKeys {
-    pub fn load(path: &Path) -> Result<Self, AccessError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AccessError::Read {
+impl ClientKeySet {
+    /// Reads and parses the keys file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ClientKeysError> {
+        let text = watched_file::read(path).map_err(|source| ClientKeysError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| AccessError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })
+        Self::parse(path, &text)
     }
 
-    /// Parses a keys file; errors name the entry, never echo a key.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: FileFormat = serde_yaml_ng::from_str(text).map_err(|e| {
-            // serde's messages can quote the offending value: keep the place only.
-            match e.location() {
-                Some(l) => format!(
-                    "not a valid keys file (line {}, column {})",
-                    l.line(),
-                    l.column()
-                ),
-                None => "not a valid keys file".to_string(),
-            }
-        })?;
+    /// Parses a keys file; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ClientKeysError> {
+        let file: FileFormat =
+            serde_yaml_ng::from_str(text).map_err(|e| ClientKeysError::Syntax {
+                path: path.to_path_buf(),
+                line: e.location().map(|l| (l.line(), l.column())),
+            })?;
         let mut keys = Vec::with_capacity(file.keys.len());
-        for (i, e) in file.keys.into_iter().enumerate() {
-            let at = format!("keys[{i}] ({:?})", e.name);
-            let digest = match (e.sha256, e.key) {
-                (Some(hex), None) => {
-                    parse_hex_digest(&hex).ok_or(format!("{at}: sha256 must be 64 hex digits"))?
-                }
-                (None, Some(key)) if !key.trim().is_empty() => {
-                    Sha256::digest(key.trim().as_bytes()).into()
-                }
-                _ => return Err(format!("{at}: give exactly one of `sha256` or `key`")),
-            };
+        for (index, e) in file.keys.into_iter().enumerate() {
+            let digest = entry_digest(&e).map_err(|problem| ClientKeysError::Entry {
+                path: path.to_path_buf(),
+                index,
+                name: e.name.clone(),
+                problem,
+            })?;
             keys.push(Arc::new(ClientKey {
                 name: e.name,
                 digest,
@@ -131,8 +161,11 @@ impl ClientKeys {
     }
 
     /// The key whose digest matches `presented`, compared in constant time
-    /// against every stored key.
+    /// against every stored key. An empty credential matches nothing.
     pub fn authorize(&self, presented: &[u8]) -> Option<Arc<ClientKey>> {
+        if presented.is_empty() {
+            return None;
+        }
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
         for k in &self.keys {
@@ -152,6 +185,24 @@ impl ClientKeys {
     }
 }
 
+fn entry_digest(e: &Entry) -> Result<[u8; 32], EntryProblem> {
+    let digest = match (&e.sha256, &e.key) {
+        (Some(hex), None) => parse_hex_digest(hex).ok_or(EntryProblem::BadDigest)?,
+        (None, Some(key)) => {
+            let key = key.trim();
+            if key.chars().count() < MIN_KEY_LEN {
+                return Err(EntryProblem::TooShort);
+            }
+            Sha256::digest(key.as_bytes()).into()
+        }
+        _ => return Err(EntryProblem::NotOneOf),
+    };
+    if digest == EMPTY_DIGEST {
+        return Err(EntryProblem::EmptyDigest);
+    }
+    Ok(digest)
+}
+
 fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim().as_bytes();
     if hex.len() != 64 {
@@ -165,71 +216,41 @@ fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The keys in force; `None` inside when the config has no `client_keys`.
+/// The client keys in force; `None` inside when the config has no
+/// `client_keys` (anyone who reaches the gateway may use it).
 #[derive(Default)]
-pub struct AccessControl {
-    current: ArcSwap<Option<ClientKeys>>,
+pub struct ClientKeys {
+    current: ArcSwap<Option<ClientKeySet>>,
 }
 
-impl AccessControl {
+impl ClientKeys {
     /// The keys in force, or `None` when access is open.
-    pub fn keys(&self) -> arc_swap::Guard<Arc<Option<ClientKeys>>> {
+    pub fn current(&self) -> arc_swap::Guard<Arc<Option<ClientKeySet>>> {
         self.current.load()
     }
 
-    pub fn replace(&self, keys: Option<ClientKeys>) {
+    pub fn replace(&self, keys: Option<ClientKeySet>) {
         self.current.store(Arc::new(keys));
     }
 }
 
-/// Watches the keys file and swaps in each valid new version.
-pub struct AccessWatcher {
-    file: TextFile,
-    access: Arc<AccessControl>,
+/// Reloads the keys file into [`ClientKeys`] (see `watched_file`).
+pub struct ClientKeysReload {
+    pub keys: Arc<ClientKeys>,
 }
 
-impl AccessWatcher {
-    pub fn new(path: PathBuf, access: Arc<AccessControl>, poll_interval: Duration) -> Self {
-        Self {
-            file: TextFile::new(path, poll_interval),
-            access,
-        }
+impl Reload for ClientKeysReload {
+    const WHAT: &'static str = "client keys";
+    type Parsed = ClientKeySet;
+    type Error = ClientKeysError;
+
+    fn parse(&self, path: &Path, text: &str) -> Result<ClientKeySet, ClientKeysError> {
+        ClientKeySet::parse(path, text)
     }
 
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                change = self.file.next_change() => self.apply(change).await,
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-
-    async fn apply(&mut self, change: TextChange) {
-        let file = self.file.path().display().to_string();
-        let text = match change {
-            TextChange::Changed(text) => text,
-            TextChange::Unreadable(e) => {
-                tracing::error!(file, error = %e, "cannot read the client keys file; keeping the keys in force");
-                return;
-            }
-        };
-        let mut parsed = ClientKeys::parse(&text);
-        if parsed.is_err() {
-            if let Some(again) = self.file.settle(&text).await {
-                parsed = ClientKeys::parse(&again);
-            }
-        }
-        match parsed {
-            Ok(keys) => {
-                tracing::info!(file, keys = keys.len(), "client keys reloaded");
-                self.access.replace(Some(keys));
-            }
-            Err(message) => tracing::error!(
-                file,
-                "client keys reload refused, the keys in force stay: {message}"
-            ),
-        }
+    async fn apply(&mut self, keys: ClientKeySet) {
+        tracing::info!(keys = keys.len(), "client keys reloaded");
+        self.keys.replace(Some(keys));
     }
 }
 
@@ -237,40 +258,79 @@ impl AccessWatcher {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<ClientKeySet, ClientKeysError> {
+        ClientKeySet::parse(Path::new("keys.yaml"), text)
+    }
+
     const FILE: &str = r#"
 keys:
   - name: ci
-    sha256: "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+    sha256: "DIGEST"
     models: ["gpt-4o-mini", "claude-*"]
   - name: alice
-    key: " gw-alice "
+    key: " gw-alice-0123456789 "
 "#;
+
+    fn hex(digest: &[u8]) -> String {
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
 
     #[test]
     fn authorizes_by_digest_and_plain_key() {
-        let keys = ClientKeys::parse(FILE).unwrap();
-        // sha256("secret")
-        let ci = keys.authorize(b"secret").unwrap();
+        let file = FILE.replace("DIGEST", &hex(&Sha256::digest(b"ci-3f1b9c2d7e4a8b6f")));
+        let keys = parse(&file).unwrap();
+        let ci = keys.authorize(b"ci-3f1b9c2d7e4a8b6f").unwrap();
         assert_eq!(ci.name, "ci");
         assert!(ci.allows("gpt-4o-mini") && ci.allows("claude-sonnet-4") && !ci.allows("gpt-5"));
-        let alice = keys.authorize(b"gw-alice").unwrap();
+        let alice = keys.authorize(b"gw-alice-0123456789").unwrap();
         assert!(alice.allows("anything"));
         assert!(keys.authorize(b"wrong").is_none());
         assert!(keys.authorize(b"").is_none());
     }
 
+    /// Table: every way a file could let a request in without a real key.
     #[test]
-    fn bad_files_name_the_entry_but_never_a_key() {
-        let err =
-            ClientKeys::parse("keys:\n  - {name: x, key: sk-secret-1, sha256: abc}\n").unwrap_err();
-        assert!(
-            err.contains("keys[0]") && !err.contains("sk-secret-1"),
-            "{err}"
-        );
-        let err = ClientKeys::parse("keys:\n  - {name: x, sha256: nothex}\n").unwrap_err();
-        assert!(err.contains("64 hex"), "{err}");
-        let err = ClientKeys::parse("keys: [{name: x, key: sk-secret-2, extra: sk-secret-3}]")
-            .unwrap_err();
-        assert!(!err.contains("sk-secret"), "{err}");
+    fn entries_that_would_open_the_gateway_are_refused() {
+        let empty = hex(&Sha256::digest(b""));
+        let cases: &[(&str, EntryProblem)] = &[
+            ("{name: x, sha256: EMPTY}", EntryProblem::EmptyDigest),
+            ("{name: x, key: short}", EntryProblem::TooShort),
+            ("{name: x, key: '   '}", EntryProblem::TooShort),
+            ("{name: x, key: '123456789012345'}", EntryProblem::TooShort),
+            ("{name: x, sha256: nothex}", EntryProblem::BadDigest),
+            ("{name: x}", EntryProblem::NotOneOf),
+            (
+                "{name: x, key: sk-secret-1234567890, sha256: abc}",
+                EntryProblem::NotOneOf,
+            ),
+        ];
+        for (entry, want) in cases {
+            let text = format!("keys:\n  - {}\n", entry.replace("EMPTY", &empty));
+            match parse(&text) {
+                Err(ClientKeysError::Entry {
+                    index,
+                    name,
+                    problem,
+                    ..
+                }) => {
+                    assert_eq!((index, name.as_str(), &problem), (0, "x", want), "{entry}");
+                }
+                other => panic!("{entry}: expected {want:?}, got {other:?}"),
+            }
+        }
+        assert!(parse("keys:\n  - {name: x, key: '1234567890123456'}\n").is_ok());
+    }
+
+    #[test]
+    fn errors_never_echo_a_key() {
+        for text in [
+            "keys:\n  - {name: x, key: sk-secret-1, sha256: abc}\n",
+            "keys: [{name: x, key: sk-secret-2, extra: sk-secret-3}]",
+            "keys: [{name: x, key: sk-secret-4",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("sk-secret"), "{err}");
+            assert!(err.contains("keys.yaml"), "{err}");
+        }
     }
 }

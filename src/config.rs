@@ -374,7 +374,7 @@ pub enum ConfigError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::regular_file::ReadError,
     },
     #[error("config file {path}: {field}: {message}")]
     Parse {
@@ -408,7 +408,7 @@ fn format_problems(problems: &[Problem]) -> String {
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = crate::watched_file::read(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -1,102 +1,55 @@
-//! Configuration hot reload: when the config file changes, a valid new file
-//! is put in force atomically for new requests; an invalid one is refused
-//! with a clear log line and the running configuration stays.
+//! Configuration hot reload: a valid new config file is put in force
+//! atomically for new requests; an invalid one is refused with a clear log
+//! line and the running configuration stays (see `watched_file`).
+//!
+//! Order matters for "no failed request": the key files of the new
+//! configuration are read first, and only then is the new snapshot swapped
+//! in, so a backend added by the edit has its key from its first request.
 //!
 //! Some settings cannot change in a running process (listen addresses), and
 //! some live in Envoy's bootstrap (backends' clusters, the body limit): a
 //! reload says so in the log rather than pretending to apply them.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::watch;
-
-use crate::config::{Config, Overrides};
+use crate::config::{Config, ConfigError, Overrides};
 use crate::envoy_config;
-use crate::provider_keys::KeySource;
+use crate::provider_keys::KeySourcesHandle;
 use crate::state::{GatewayState, Snapshot};
-use crate::watch::{TextChange, TextFile};
+use crate::watched_file::Reload;
 
-/// The task that watches the config file.
-pub struct ConfigWatcher {
-    file: TextFile,
-    overrides: Overrides,
-    state: Arc<GatewayState>,
-    key_sources: watch::Sender<Vec<KeySource>>,
+/// Puts new versions of the config file in force.
+pub struct ConfigReload {
+    pub overrides: Overrides,
+    pub state: Arc<GatewayState>,
+    pub key_sources: KeySourcesHandle,
 }
 
-impl ConfigWatcher {
-    pub fn new(
-        path: PathBuf,
-        overrides: Overrides,
-        state: Arc<GatewayState>,
-        key_sources: watch::Sender<Vec<KeySource>>,
-        poll_interval: Duration,
-    ) -> Self {
-        Self {
-            file: TextFile::new(path, poll_interval),
-            overrides,
-            state,
-            key_sources,
-        }
-    }
+impl Reload for ConfigReload {
+    const WHAT: &'static str = "configuration";
+    type Parsed = Config;
+    type Error = ConfigError;
 
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                change = self.file.next_change() => self.apply(change).await,
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-
-    async fn apply(&mut self, change: TextChange) {
-        let text = match change {
-            TextChange::Changed(text) => text,
-            TextChange::Unreadable(e) => {
-                tracing::error!(file = %self.file.path().display(), error = %e, "cannot read the config file; keeping the running configuration");
-                self.count("failure");
-                return;
-            }
-        };
-        let path = self.file.path().to_path_buf();
-        let mut parsed = Config::from_text(&text, &path);
-        if parsed.is_err() {
-            if let Some(again) = self.file.settle(&text).await {
-                parsed = Config::from_text(&again, &path);
-            }
-        }
-        let mut config = match parsed {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(
-                    "configuration reload refused, the running configuration stays: {e}"
-                );
-                self.count("failure");
-                return;
-            }
-        };
+    fn parse(&self, path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::from_text(text, path)?;
         self.overrides.apply(&mut config);
+        Ok(config)
+    }
 
+    async fn apply(&mut self, config: Config) {
         let old = self.state.snapshot();
         warn_about_restart_needs(&old.config, &config);
         let snapshot = Snapshot::new(config);
-        let sources = snapshot.key_sources();
-        let models = snapshot.config.models.len();
-        let backends = snapshot.config.backends.len();
+        let (models, backends) = (snapshot.config.models.len(), snapshot.config.backends.len());
+        self.key_sources.update(snapshot.key_sources()).await;
         self.state.replace(snapshot);
-        self.key_sources.send_replace(sources);
-        self.count("success");
-        tracing::info!(file = %path.display(), backends, models, "configuration reloaded");
+        self.state.metrics.config_reloaded(true);
+        tracing::info!(backends, models, "configuration reloaded");
     }
 
-    fn count(&self, result: &str) {
-        self.state
-            .metrics
-            .config_reloads
-            .with_label_values(&[result])
-            .inc();
+    fn refused(&mut self) {
+        self.state.metrics.config_reloaded(false);
     }
 }
 

@@ -9,7 +9,9 @@
 //! - [`client_keys`]: optional gateway keys clients must present;
 //! - [`routes`]: model → backend rules ([`routes::RouteTable`]);
 //! - [`provider_keys`]: provider keys and their file watcher;
+//! - [`regular_file`]: bounded reads of the files the gateway trusts;
 //! - [`watch`]: "this file may have changed" notifications;
+//! - [`watched_file`]: the reloader of the config and client keys files;
 //! - [`config_reload`]: configuration hot reload;
 //! - [`state`]: the immutable snapshot the data path reads;
 //! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
@@ -29,10 +31,12 @@ pub mod login;
 pub mod metrics;
 pub mod openai;
 pub mod provider_keys;
+pub mod regular_file;
 pub mod routes;
 pub mod shutdown;
 pub mod state;
 pub mod watch;
+pub mod watched_file;
 
 /// The version shown by `--version` and in the start log line.
 pub const VERSION: &str = concat!(

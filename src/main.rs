@@ -11,16 +11,17 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use ai_gateway_extproc::client_keys::{AccessControl, AccessWatcher, ClientKeys};
+use ai_gateway_extproc::client_keys::{ClientKeySet, ClientKeys, ClientKeysReload};
 use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
+use ai_gateway_extproc::config_reload::ConfigReload;
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
 use ai_gateway_extproc::extproc::ExtProcService;
 use ai_gateway_extproc::logging::{self, LogFormat};
 use ai_gateway_extproc::login::{LoginOptions, Output};
 use ai_gateway_extproc::metrics::Metrics;
-use ai_gateway_extproc::config_reload::ConfigWatcher;
-use ai_gateway_extproc::provider_keys::{KeyStore, SecretWatcher};
+use ai_gateway_extproc::provider_keys::{ProviderKeyWatcher, ProviderKeys};
 use ai_gateway_extproc::state::{GatewayState, Snapshot};
+use ai_gateway_extproc::watched_file::WatchedFile;
 use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
 
 /// Envoy external processor that turns Envoy into an OpenAI-compatible LLM
@@ -194,42 +195,46 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.worker_threads {
         runtime.worker_threads(n.max(1));
     }
-    runtime
+    let runtime = runtime
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(serve(cli, config_path, config))
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(cli, config_path, config));
+    // A file read stuck in the kernel (a hung network filesystem) must not
+    // keep the process alive after the drain: blocking threads get a
+    // moment, then the process exits without them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
     let snapshot = Snapshot::new(config);
     let poll_interval = snapshot.config.watch.poll_interval;
-    let (sources_tx, sources_rx) = watch::channel(snapshot.key_sources());
-    let keys = Arc::new(KeyStore::default());
-    let mut secrets = SecretWatcher::new(
-        Arc::clone(&keys),
-        sources_rx,
+    let provider_keys = Arc::new(ProviderKeys::default());
+    let (mut key_watcher, key_sources) = ProviderKeyWatcher::new(
+        Arc::clone(&provider_keys),
+        snapshot.key_sources(),
         poll_interval,
         Arc::clone(&metrics),
     );
-    secrets.load_now().await;
+    key_watcher.load_now().await;
 
     let extproc_addr = snapshot.config.extproc.listen.clone();
     let admin_addr = snapshot.config.admin.listen;
     let body_limit = snapshot.max_request_body_bytes;
     let (backends, models) = (snapshot.config.backends.len(), snapshot.config.models.len());
     // Gateway keys: a bad or missing keys file stops the start (fail closed).
-    let access = Arc::new(AccessControl::default());
-    let access_file = snapshot.config.client_keys.as_ref().map(|c| c.file.clone());
-    if let Some(file) = &access_file {
-        access.replace(Some(ClientKeys::load(file)?));
+    let client_keys = Arc::new(ClientKeys::default());
+    let client_keys_file = snapshot.config.client_keys.as_ref().map(|c| c.file.clone());
+    if let Some(file) = &client_keys_file {
+        client_keys.replace(Some(ClientKeySet::load(file)?));
     }
     let state = Arc::new(GatewayState::new(
         snapshot,
-        keys,
+        provider_keys,
         metrics,
-        Arc::clone(&access),
+        Arc::clone(&client_keys),
     ));
 
     let extproc = ExtProcListener::bind(&extproc_addr).await?;
@@ -258,17 +263,16 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(secrets.run(stop_rx.clone()));
-    let config_watcher = ConfigWatcher::new(
-        config_path,
-        overrides(&cli),
-        Arc::clone(&state),
-        sources_tx,
-        poll_interval,
-    );
-    tokio::spawn(config_watcher.run(stop_rx.clone()));
-    if let Some(file) = access_file {
-        tokio::spawn(AccessWatcher::new(file, access, poll_interval).run(stop_rx.clone()));
+    tokio::spawn(key_watcher.run(stop_rx.clone()));
+    let config_reload = ConfigReload {
+        overrides: overrides(&cli),
+        state: Arc::clone(&state),
+        key_sources,
+    };
+    tokio::spawn(WatchedFile::new(config_path, poll_interval).run(config_reload, stop_rx.clone()));
+    if let Some(file) = client_keys_file {
+        let reload = ClientKeysReload { keys: client_keys };
+        tokio::spawn(WatchedFile::new(file, poll_interval).run(reload, stop_rx.clone()));
     }
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,

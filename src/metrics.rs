@@ -58,13 +58,20 @@ pub struct Metrics {
     pub phase_duration: HistogramVec,
     /// `phase_duration`'s series, resolved once: observed on every message.
     pub phases: PhaseTimers,
-    /// Key file reloads that changed or failed, by backend and result.
-    pub key_reloads: IntCounterVec,
+    /// Key changes (success) and new key-file failures, by backend.
+    key_reloads: IntCounterVec,
     /// Increments each time a backend's key changes.
-    pub key_generation: IntGaugeVec,
-    pub key_last_success: GaugeVec,
+    key_generation: IntGaugeVec,
+    key_last_success: GaugeVec,
+    /// Seconds since the backend's key in force was loaded.
+    key_age: GaugeVec,
+    /// Failed reads of a backend's key file, by reason.
+    key_read_errors: IntCounterVec,
+    /// 1 while the backend's key file cannot be read (the key in force may
+    /// be stale), else 0.
+    key_read_failing: IntGaugeVec,
     /// Configuration reloads by result.
-    pub config_reloads: IntCounterVec,
+    config_reloads: IntCounterVec,
     /// Keeps model label values bounded.
     pub models: ModelLabels,
 }
@@ -78,6 +85,17 @@ fn counter(
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<GaugeVec> {
+    let g = GaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 fn histogram(
@@ -184,6 +202,29 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            key_age: gauge(
+                &r,
+                "ai_gateway_key_age_seconds",
+                "Seconds since the backend's key in force was loaded from its file.",
+                &["backend"],
+            )?,
+            key_read_errors: counter(
+                &r,
+                "ai_gateway_key_read_errors_total",
+                "Failed reads of a backend's key file, by reason (missing, permission, not_regular, too_large, empty, malformed, ...).",
+                &["backend", "reason"],
+            )?,
+            key_read_failing: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "ai_gateway_key_read_failing",
+                        "1 while the backend's key file cannot be read and the key in force may be stale, else 0.",
+                    ),
+                    &["backend"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             config_reloads: counter(
                 &r,
                 "ai_gateway_config_reloads_total",
@@ -198,11 +239,62 @@ impl Metrics {
             phases: PhaseTimers::new(&metrics.phase_duration),
             ..metrics
         };
+        // Present from the start, so a dashboard or alert sees 0, not nothing.
+        for result in ["success", "failure"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(metrics)
+    }
+
+    /// A config file version was put in force, or refused.
+    pub fn config_reloaded(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// A backend's key changed: this is its `generation`-th key.
+    pub fn key_loaded(&self, backend: &str, generation: i64) {
+        self.key_reloads
+            .with_label_values(&[backend, "success"])
+            .inc();
+        self.key_generation
+            .with_label_values(&[backend])
+            .set(generation);
+        self.key_last_success
+            .with_label_values(&[backend])
+            .set(unix_now());
+        self.key_age.with_label_values(&[backend]).set(0.0);
+    }
+
+    /// A backend's key file was read and parsed.
+    pub fn key_read_ok(&self, backend: &str) {
+        self.key_read_failing.with_label_values(&[backend]).set(0);
+    }
+
+    /// A read of a backend's key file failed.
+    pub fn key_read_failed(&self, backend: &str, reason: &str) {
+        self.key_read_errors
+            .with_label_values(&[backend, reason])
+            .inc();
+        self.key_read_failing.with_label_values(&[backend]).set(1);
+    }
+
+    /// A backend's key file started failing (or failed differently).
+    pub fn key_failure_started(&self, backend: &str) {
+        self.key_reloads
+            .with_label_values(&[backend, "failure"])
+            .inc();
+    }
+
+    /// How long ago the backend's key in force was loaded.
+    pub fn key_age(&self, backend: &str, age: std::time::Duration) {
+        self.key_age
+            .with_label_values(&[backend])
+            .set(age.as_secs_f64());
     }
 
     /// The text exposition of every metric.
@@ -294,6 +386,13 @@ impl ModelLabels {
             OTHER_MODEL
         }
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -1,28 +1,43 @@
-//! Provider keys: read from files, watched, swapped atomically.
+//! Provider keys: the keys the gateway sends to providers, one per backend,
+//! read from files (mounted Kubernetes Secrets), watched, swapped atomically.
 //!
-//! The data path reads a [`KeyStore`] snapshot (one atomic load, no lock);
-//! the [`SecretWatcher`] task re-reads the key files when they may have
-//! changed and publishes a new snapshot only when a key really changed.
+//! The data path reads [`ProviderKeys`] (one atomic load, no lock); the
+//! [`ProviderKeyWatcher`] task re-reads the key files when they may have
+//! changed and publishes a new set only when a key really changed.
 //!
-//! A key file that turns empty, unreadable or malformed keeps the last good
-//! key in force: a half-written rotation must not take the gateway down. The
-//! key itself is never logged, formatted or put in an error: [`ApiKey`]'s
+//! A key in force is never replaced by nothing:
+//! - a file that turns empty, unreadable or malformed keeps the last good
+//!   key (a half-written rotation must not take the gateway down);
+//! - a config reload that points a backend at another file keeps the key
+//!   from the old file until the new one can be read (a typo in
+//!   `api_key_file` must not drop a working key).
+//!
+//! Either way the key in force may be stale, so it is made visible: the
+//! error is logged when it starts and again every [`STALE_LOG_INTERVAL`]
+//! while it lasts, and the metrics carry each backend's key age, failed
+//! reads and whether its file is failing now.
+//!
+//! The key itself is never logged, formatted or put in an error: [`ApiKey`]'s
 //! `Debug` is redacted and it has no `Display`.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::watch::FileWatcher;
+use crate::regular_file::{self, ReadError};
+use crate::watch::{FileWatcher, TRANSIENT_RECHECK};
 
 /// Key files are a few dozen bytes; anything this large is a wrong path.
 const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
+
+/// While a key file cannot be read, its error is logged again this often.
+pub const STALE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A provider key, held as the ready-made `Authorization` header value.
 #[derive(Clone, PartialEq, Eq)]
@@ -46,14 +61,35 @@ impl fmt::Debug for ApiKey {
 /// Why a key file gave no usable key. Never contains the file's content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyFileError {
-    #[error("cannot read the key file: {0}")]
-    Unreadable(String),
+    #[error("cannot read the key file: {message}")]
+    Unreadable {
+        /// A fixed name for the metric label.
+        reason: &'static str,
+        message: String,
+    },
     #[error("the key file is empty")]
     Empty,
-    #[error("the key file is larger than {MAX_KEY_FILE_BYTES} bytes; is it the right file?")]
-    TooLarge,
     #[error("the key contains characters that cannot go into an HTTP header (white space, control or non-ASCII characters)")]
     Malformed,
+}
+
+impl KeyFileError {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Unreadable { reason, .. } => reason,
+            Self::Empty => "empty",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+impl From<ReadError> for KeyFileError {
+    fn from(e: ReadError) -> Self {
+        Self::Unreadable {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Parses a key file's content: surrounding white space is trimmed, and the
@@ -73,90 +109,126 @@ pub fn parse_key(content: &[u8]) -> Result<ApiKey, KeyFileError> {
     })
 }
 
-/// The keys in force, by key file.
+/// The keys in force, by backend name.
 #[derive(Default)]
-pub struct KeyStore {
-    current: ArcSwap<HashMap<PathBuf, ApiKey>>,
+pub struct ProviderKeys {
+    current: ArcSwap<HashMap<Box<str>, ApiKey>>,
 }
 
-impl KeyStore {
-    /// The key currently loaded from `file`, if any.
-    pub fn get(&self, file: &Path) -> Option<ApiKey> {
-        self.current.load().get(file).cloned()
+impl ProviderKeys {
+    /// The key in force for `backend`, if one was ever loaded.
+    pub fn get(&self, backend: &str) -> Option<ApiKey> {
+        self.current.load().get(backend).cloned()
     }
 
-    /// Whether a key is loaded from `file`.
-    pub fn has(&self, file: &Path) -> bool {
-        self.current.load().contains_key(file)
+    /// Whether a key is in force for `backend`.
+    pub fn has(&self, backend: &str) -> bool {
+        self.current.load().contains_key(backend)
     }
 
-    fn publish(&self, keys: HashMap<PathBuf, ApiKey>) {
+    fn publish(&self, keys: HashMap<Box<str>, ApiKey>) {
         self.current.store(Arc::new(keys));
     }
 }
 
-/// A key file and the backends that use it (for logs and metrics).
+/// Where one backend's key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySource {
+    pub backend: String,
     pub file: PathBuf,
-    pub backends: Vec<String>,
 }
 
-/// What the watcher remembers of one file between reads.
-#[derive(Default)]
-struct FileState {
-    key: Option<ApiKey>,
-    generation: i64,
-    /// The last error logged, so a persisting problem is logged once.
-    last_error: Option<KeyFileError>,
+/// A new set of key files, from a config reload; answered once every file
+/// of the set has been read, so a new backend has its key before the
+/// configuration that names it is put in force.
+struct SourcesUpdate {
+    sources: Vec<KeySource>,
+    done: oneshot::Sender<()>,
 }
 
-/// The task that keeps a [`KeyStore`] in step with the key files.
-pub struct SecretWatcher {
-    store: Arc<KeyStore>,
-    sources: watch::Receiver<Vec<KeySource>>,
-    poll_interval: Duration,
-    metrics: Arc<Metrics>,
-    files: HashMap<PathBuf, FileState>,
+/// Hands new key sources to the watcher.
+#[derive(Clone)]
+pub struct KeySourcesHandle {
+    tx: mpsc::Sender<SourcesUpdate>,
 }
 
-impl SecretWatcher {
-    /// `sources` carries the files to watch; a config reload sends a new set.
-    pub fn new(
-        store: Arc<KeyStore>,
-        sources: watch::Receiver<Vec<KeySource>>,
-        poll_interval: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            store,
-            sources,
-            poll_interval,
-            metrics,
-            files: HashMap::new(),
+impl KeySourcesHandle {
+    /// Watches `sources` from now on; returns once they have been read.
+    pub async fn update(&self, sources: Vec<KeySource>) {
+        let (done, read) = oneshot::channel();
+        if self.tx.send(SourcesUpdate { sources, done }).await.is_ok() {
+            let _ = read.await;
         }
     }
+}
 
-    /// Loads every key once, synchronously with the caller, so the gateway
-    /// starts with its keys in place.
+/// What the watcher remembers of one backend's key.
+struct BackendKey {
+    /// The file the key in force was read from.
+    file: PathBuf,
+    key: Option<ApiKey>,
+    loaded: Option<SystemTime>,
+    generation: i64,
+    failure: Option<Failure>,
+}
+
+/// A key file that cannot be read (or parsed) now.
+struct Failure {
+    file: PathBuf,
+    error: KeyFileError,
+    since: Instant,
+    logged: Instant,
+}
+
+/// The task that keeps [`ProviderKeys`] in step with the key files.
+pub struct ProviderKeyWatcher {
+    keys: Arc<ProviderKeys>,
+    sources: Vec<KeySource>,
+    updates: mpsc::Receiver<SourcesUpdate>,
+    poll_interval: Duration,
+    metrics: Arc<Metrics>,
+    backends: HashMap<String, BackendKey>,
+}
+
+impl ProviderKeyWatcher {
+    pub fn new(
+        keys: Arc<ProviderKeys>,
+        sources: Vec<KeySource>,
+        poll_interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Self, KeySourcesHandle) {
+        let (tx, updates) = mpsc::channel(4);
+        let watcher = Self {
+            keys,
+            sources,
+            updates,
+            poll_interval,
+            metrics,
+            backends: HashMap::new(),
+        };
+        (watcher, KeySourcesHandle { tx })
+    }
+
+    /// Loads every key once, so the gateway starts with its keys in place.
     pub async fn load_now(&mut self) {
-        let sources = self.sources.borrow_and_update().clone();
-        self.reload(&sources).await;
+        self.reload().await;
     }
 
     /// Watches until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let sources = self.sources.borrow_and_update().clone();
-            let mut watcher =
-                FileWatcher::new(sources.iter().map(|s| s.file.as_path()), self.poll_interval);
+            let mut files = FileWatcher::new(
+                self.sources.iter().map(|s| s.file.as_path()),
+                self.poll_interval,
+            );
             loop {
                 tokio::select! {
-                    _ = watcher.changed() => self.reload(&sources).await,
-                    changed = self.sources.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
+                    _ = files.changed() => self.reload().await,
+                    update = self.updates.recv() => {
+                        let Some(update) = update else { return };
+                        self.sources = update.sources;
+                        self.reload().await;
+                        let _ = update.done.send(());
                         break;
                     }
                     _ = shutdown.changed() => return,
@@ -165,128 +237,153 @@ impl SecretWatcher {
         }
     }
 
-    /// Re-reads every file and publishes a new snapshot if any key changed
-    /// or a file left the set.
-    async fn reload(&mut self, sources: &[KeySource]) {
-        let mut changed = false;
-        let before = self.files.len();
-        self.files
-            .retain(|file, _| sources.iter().any(|s| &s.file == file));
-        changed |= self.files.len() != before;
+    /// Re-reads every file (all at once: a slow file delays no other) and
+    /// publishes a new set if any key changed or a backend left.
+    async fn reload(&mut self) {
+        let mut files: Vec<PathBuf> = self.sources.iter().map(|s| s.file.clone()).collect();
+        files.sort();
+        files.dedup();
+        let results =
+            futures_util::future::join_all(files.iter().cloned().map(read_key_file)).await;
+        let read: HashMap<PathBuf, Result<ApiKey, KeyFileError>> =
+            files.into_iter().zip(results).collect();
 
-        for source in sources {
-            let mut result = read_key_file(&source.file).await;
-            if result.is_err() {
-                // Possibly caught mid-write (truncated, not yet written):
-                // look again before keeping the old key and logging.
-                tokio::time::sleep(crate::watch::TRANSIENT_RECHECK).await;
-                result = read_key_file(&source.file).await;
-            }
-            let state = self.files.entry(source.file.clone()).or_default();
-            let backends = source.backends.join(",");
-            match result {
-                Ok(key) => {
-                    if state.key.as_ref() != Some(&key) {
-                        state.key = Some(key);
-                        state.generation += 1;
-                        changed = true;
-                        tracing::info!(
-                            backends = %backends,
-                            file = %source.file.display(),
-                            generation = state.generation,
-                            "API key loaded"
-                        );
-                        for b in &source.backends {
-                            self.metrics
-                                .key_reloads
-                                .with_label_values(&[b.as_str(), "success"])
-                                .inc();
-                            self.metrics
-                                .key_generation
-                                .with_label_values(&[b.as_str()])
-                                .set(state.generation);
-                            self.metrics
-                                .key_last_success
-                                .with_label_values(&[b.as_str()])
-                                .set(unix_now());
-                        }
-                    }
-                    state.last_error = None;
-                }
-                Err(e) => {
-                    if state.last_error.as_ref() != Some(&e) {
-                        let kept = if state.key.is_some() {
-                            "keeping the last good key"
-                        } else {
-                            "no key loaded: requests to these backends get 503"
-                        };
-                        tracing::error!(
-                            backends = %backends,
-                            file = %source.file.display(),
-                            error = %e,
-                            "API key not (re)loaded; {kept}"
-                        );
-                        for b in &source.backends {
-                            self.metrics
-                                .key_reloads
-                                .with_label_values(&[b.as_str(), "failure"])
-                                .inc();
-                        }
-                        state.last_error = Some(e);
-                    }
-                }
+        let before = self.backends.len();
+        let sources = &self.sources;
+        self.backends
+            .retain(|backend, _| sources.iter().any(|s| &s.backend == backend));
+        let mut changed = self.backends.len() != before;
+        let sources = std::mem::take(&mut self.sources);
+        for source in &sources {
+            if let Some(result) = read.get(&source.file) {
+                changed |= self.apply(source, result);
             }
         }
-
+        self.sources = sources;
         if changed {
-            let snapshot = self
-                .files
-                .iter()
-                .filter_map(|(file, s)| Some((file.clone(), s.key.clone()?)))
-                .collect();
-            self.store.publish(snapshot);
+            self.keys.publish(
+                self.backends
+                    .iter()
+                    .filter_map(|(b, s)| Some((b.as_str().into(), s.key.clone()?)))
+                    .collect(),
+            );
+        }
+        let now = SystemTime::now();
+        for (backend, state) in &self.backends {
+            if let Some(loaded) = state.loaded {
+                let age = now.duration_since(loaded).unwrap_or_default();
+                self.metrics.key_age(backend, age);
+            }
+        }
+    }
+
+    /// Applies one read to one backend; true if its key changed.
+    fn apply(&mut self, source: &KeySource, result: &Result<ApiKey, KeyFileError>) -> bool {
+        let backend = source.backend.as_str();
+        let state = self
+            .backends
+            .entry(source.backend.clone())
+            .or_insert_with(|| BackendKey {
+                file: source.file.clone(),
+                key: None,
+                loaded: None,
+                generation: 0,
+                failure: None,
+            });
+        let file = source.file.display();
+        match result {
+            Ok(key) => {
+                if let Some(f) = state.failure.take() {
+                    tracing::info!(backend, file = %file, failed_for_s = f.since.elapsed().as_secs(), "key file readable again");
+                }
+                self.metrics.key_read_ok(backend);
+                let moved = state.file != source.file;
+                state.file = source.file.clone();
+                if state.key.as_ref() == Some(key) {
+                    if moved {
+                        tracing::info!(backend, file = %file, "key file moved; same key");
+                    }
+                    return false;
+                }
+                state.key = Some(key.clone());
+                state.loaded = Some(SystemTime::now());
+                state.generation += 1;
+                tracing::info!(backend, file = %file, generation = state.generation, "API key loaded");
+                self.metrics.key_loaded(backend, state.generation);
+                true
+            }
+            Err(error) => {
+                self.metrics.key_read_failed(backend, error.reason());
+                let kept = match &state.key {
+                    Some(_) if state.file != source.file => format!(
+                        "keeping the key read from {} until this file can be read",
+                        state.file.display()
+                    ),
+                    Some(_) => "keeping the last good key".to_string(),
+                    None => "no key loaded: requests to this backend get 503".to_string(),
+                };
+                let now = Instant::now();
+                match &mut state.failure {
+                    Some(f) if f.error == *error && f.file == source.file => {
+                        if now.duration_since(f.logged) >= STALE_LOG_INTERVAL {
+                            f.logged = now;
+                            tracing::error!(
+                                backend, file = %file, %error,
+                                failing_for_s = now.duration_since(f.since).as_secs(),
+                                "API key file still failing; {kept}"
+                            );
+                        }
+                    }
+                    _ => {
+                        tracing::error!(backend, file = %file, %error, "API key not (re)loaded; {kept}");
+                        self.metrics.key_failure_started(backend);
+                        state.failure = Some(Failure {
+                            file: source.file.clone(),
+                            error: error.clone(),
+                            since: now,
+                            logged: now,
+                        });
+                    }
+                }
+                false
+            }
         }
     }
 }
 
-async fn read_key_file(path: &Path) -> Result<ApiKey, KeyFileError> {
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| KeyFileError::Unreadable(e.to_string()))?;
-    if meta.len() > MAX_KEY_FILE_BYTES {
-        return Err(KeyFileError::TooLarge);
-    }
-    let content = tokio::fs::read(path)
-        .await
-        .map_err(|e| KeyFileError::Unreadable(e.to_string()))?;
-    parse_key(&content)
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// The key sources of a set of backends, grouped by file.
-pub fn sources_of<'a>(backends: impl IntoIterator<Item = (&'a str, &'a Path)>) -> Vec<KeySource> {
-    let mut out: Vec<KeySource> = Vec::new();
-    for (name, file) in backends {
-        match out.iter_mut().find(|s| s.file == file) {
-            Some(s) => s.backends.push(name.to_string()),
-            None => out.push(KeySource {
-                file: file.to_path_buf(),
-                backends: vec![name.to_string()],
-            }),
+/// Reads and parses one key file; a file caught mid-write (truncated, not
+/// yet there) is looked at once more a moment later before it counts.
+async fn read_key_file(path: PathBuf) -> Result<ApiKey, KeyFileError> {
+    let once = || async {
+        let content = regular_file::read_async(path.clone(), MAX_KEY_FILE_BYTES).await?;
+        parse_key(&content)
+    };
+    match once().await {
+        Ok(key) => Ok(key),
+        Err(_) => {
+            tokio::time::sleep(TRANSIENT_RECHECK).await;
+            once().await
         }
     }
-    out
+}
+
+/// The key sources of a set of backends.
+pub fn sources_of<'a>(
+    backends: impl IntoIterator<Item = (&'a str, &'a std::path::Path)>,
+) -> Vec<KeySource> {
+    backends
+        .into_iter()
+        .map(|(backend, file)| KeySource {
+            backend: backend.to_string(),
+            file: file.to_path_buf(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parse_trims_and_formats() {
@@ -319,15 +416,12 @@ mod tests {
         assert!(!shown.contains("sk-secret-value"), "{shown}");
     }
 
-    #[test]
-    fn sources_group_backends_by_file() {
-        let s = sources_of([
-            ("a", Path::new("/k1")),
-            ("b", Path::new("/k2")),
-            ("c", Path::new("/k1")),
-        ]);
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].backends, ["a", "c"]);
+    fn watcher(sources: Vec<KeySource>) -> (ProviderKeyWatcher, Arc<ProviderKeys>) {
+        let keys = Arc::new(ProviderKeys::default());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (w, _) =
+            ProviderKeyWatcher::new(keys.clone(), sources, Duration::from_secs(1), metrics);
+        (w, keys)
     }
 
     #[tokio::test]
@@ -335,33 +429,63 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("apiKey");
         std::fs::write(&file, "sk-one\n").unwrap();
-        let store = Arc::new(KeyStore::default());
-        let (_tx, rx) = watch::channel(sources_of([("tars", file.as_path())]));
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let mut w = SecretWatcher::new(store.clone(), rx, Duration::from_secs(1), metrics);
+        let (mut w, keys) = watcher(sources_of([("tars", file.as_path())]));
         w.load_now().await;
-        assert_eq!(store.get(&file).unwrap().authorization(), "Bearer sk-one");
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-one");
 
         std::fs::write(&file, "").unwrap();
         w.load_now().await;
-        assert_eq!(store.get(&file).unwrap().authorization(), "Bearer sk-one");
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-one");
 
         std::fs::remove_file(&file).unwrap();
         w.load_now().await;
-        assert_eq!(store.get(&file).unwrap().authorization(), "Bearer sk-one");
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-one");
 
         std::fs::write(&file, "sk-two").unwrap();
         w.load_now().await;
-        assert_eq!(store.get(&file).unwrap().authorization(), "Bearer sk-two");
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-two");
     }
 
     #[tokio::test]
-    async fn missing_file_means_no_key() {
-        let store = Arc::new(KeyStore::default());
-        let (_tx, rx) = watch::channel(sources_of([("tars", Path::new("/nonexistent/key"))]));
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let mut w = SecretWatcher::new(store.clone(), rx, Duration::from_secs(1), metrics);
+    async fn a_new_file_that_cannot_be_read_keeps_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("apiKey");
+        std::fs::write(&good, "sk-one\n").unwrap();
+        let (mut w, keys) = watcher(sources_of([("tars", good.as_path())]));
         w.load_now().await;
-        assert!(!store.has(Path::new("/nonexistent/key")));
+        // A config reload with a typo in api_key_file.
+        let typo = dir.path().join("apiKye");
+        w.sources = sources_of([("tars", typo.as_path())]);
+        w.reload().await;
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-one");
+        // The file appears: its key takes over.
+        std::fs::write(&typo, "sk-two\n").unwrap();
+        w.reload().await;
+        assert_eq!(keys.get("tars").unwrap().authorization(), "Bearer sk-two");
+        // A backend that leaves the config loses its key.
+        w.sources = Vec::new();
+        w.reload().await;
+        assert!(!keys.has("tars"));
+    }
+
+    #[tokio::test]
+    async fn missing_file_means_no_key_and_fifos_do_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "sk-ok").unwrap();
+        let (mut w, keys) = watcher(sources_of([
+            ("gone", Path::new("/nonexistent/key")),
+            ("fifo", fifo.as_path()),
+            ("ok", ok.as_path()),
+        ]));
+        tokio::time::timeout(Duration::from_secs(5), w.load_now())
+            .await
+            .expect("a FIFO stalled the key watcher");
+        assert!(!keys.has("gone") && !keys.has("fifo"));
+        assert!(keys.has("ok"));
     }
 }

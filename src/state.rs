@@ -4,17 +4,16 @@
 //! A request loads the snapshot once, at its first message, and keeps it to
 //! the end, so a reload in the middle of a request never mixes two configs.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::client_keys::AccessControl;
+use crate::client_keys::ClientKeys;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::openai::models;
+use crate::provider_keys::{sources_of, KeySource, ProviderKeys};
 use crate::routes::RouteTable;
-use crate::provider_keys::{sources_of, KeySource, KeyStore};
 
 /// Everything derived from one configuration that requests need.
 pub struct Snapshot {
@@ -51,24 +50,24 @@ impl Snapshot {
 /// Shared by the ext_proc service, the admin server and the watchers.
 pub struct GatewayState {
     snapshot: ArcSwap<Snapshot>,
-    pub keys: Arc<KeyStore>,
+    pub provider_keys: Arc<ProviderKeys>,
     pub metrics: Arc<Metrics>,
     /// Gateway keys clients must present, when the config asks for them.
-    pub access: Arc<AccessControl>,
+    pub client_keys: Arc<ClientKeys>,
 }
 
 impl GatewayState {
     pub fn new(
         snapshot: Snapshot,
-        keys: Arc<KeyStore>,
+        provider_keys: Arc<ProviderKeys>,
         metrics: Arc<Metrics>,
-        access: Arc<AccessControl>,
+        client_keys: Arc<ClientKeys>,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            keys,
+            provider_keys,
             metrics,
-            access,
+            client_keys,
         }
     }
 
@@ -89,7 +88,7 @@ impl GatewayState {
             .routes
             .backends()
             .iter()
-            .filter(|b| !self.keys.has(Path::new(&b.api_key_file)))
+            .filter(|b| !self.provider_keys.has(&b.name))
             .map(|b| b.name.to_string())
             .collect()
     }

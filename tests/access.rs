@@ -10,7 +10,7 @@ use support::{chat, extproc_bin, rename_key, FakeUpstream, Gateway};
 
 fn keys_file(extra: &str) -> String {
     format!(
-        "keys:\n  - name: alice\n    key: gw-alice\n  - name: limited\n    key: gw-limited\n    models: [\"gpt-4o-mini\", \"claude-*\"]\n{extra}"
+        "keys:\n  - name: alice\n    key: gw-alice-0123456789\n  - name: limited\n    key: gw-limited-0123456789\n    models: [\"gpt-4o-mini\", \"claude-*\"]\n{extra}"
     )
 }
 
@@ -52,9 +52,12 @@ async fn only_gateway_keys_spend_the_provider_key() {
     post(vec![("authorization", "Bearer wrong")], "gpt-4o-mini")
         .await
         .assert_error(401, "invalid_api_key");
-    post(vec![("authorization", "Basic gw-alice")], "gpt-4o-mini")
-        .await
-        .assert_error(401, "invalid_api_key");
+    post(
+        vec![("authorization", "Basic gw-alice-0123456789")],
+        "gpt-4o-mini",
+    )
+    .await
+    .assert_error(401, "invalid_api_key");
     // Even an unknown path says nothing without a key.
     gw.get("/v1/nope")
         .await
@@ -64,13 +67,21 @@ async fn only_gateway_keys_spend_the_provider_key() {
         "an unauthenticated request reached the provider"
     );
 
-    let ok = post(vec![("authorization", "Bearer gw-alice")], "any-model").await;
+    let ok = post(
+        vec![("authorization", "Bearer gw-alice-0123456789")],
+        "any-model",
+    )
+    .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(
         up.last().header_all("authorization"),
         ["Bearer sk-provider"]
     );
-    let ok = post(vec![("x-api-key", "gw-limited")], "claude-sonnet-4").await;
+    let ok = post(
+        vec![("x-api-key", "gw-limited-0123456789")],
+        "claude-sonnet-4",
+    )
+    .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(
         up.last().header("x-api-key"),
@@ -78,16 +89,19 @@ async fn only_gateway_keys_spend_the_provider_key() {
         "the gateway key reached the provider"
     );
 
-    let m = post(vec![("authorization", "Bearer gw-limited")], "gpt-5")
-        .await
-        .assert_error(403, "model_not_allowed");
+    let m = post(
+        vec![("authorization", "Bearer gw-limited-0123456789")],
+        "gpt-5",
+    )
+    .await
+    .assert_error(403, "model_not_allowed");
     assert!(m.contains("`gpt-5`"), "{m}");
     assert_eq!(up.requests().len(), 2);
 
     let line = gw.wait_for_log(&["request", r#"client="limited""#, "status=403"]);
-    assert!(!line.contains("gw-limited"), "{line}");
+    assert!(!line.contains("gw-limited-0123456789"), "{line}");
     assert!(
-        !gw.extproc_logs().contains("gw-alice"),
+        !gw.extproc_logs().contains("gw-alice-0123456789"),
         "a gateway key was logged"
     );
 }
@@ -111,22 +125,22 @@ async fn keys_file_reloads_live_and_bad_files_are_refused() {
             .status
         }
     };
-    assert_eq!(with("Bearer ci-secret").await, 401);
+    assert_eq!(with("Bearer ci-secret-0123456789").await, 401);
 
     // A key added by digest, and alice removed.
     let text = format!(
         "keys:\n  - name: ci\n    sha256: {}\n",
-        sha256_hex("ci-secret")
+        sha256_hex("ci-secret-0123456789")
     );
     rename_key(&file, &text);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(with("Bearer ci-secret").await, 200);
-    assert_eq!(with("Bearer gw-alice").await, 401);
+    assert_eq!(with("Bearer ci-secret-0123456789").await, 200);
+    assert_eq!(with("Bearer gw-alice-0123456789").await, 401);
 
     // A broken file keeps the keys in force.
     rename_key(&file, "keys: [{name: broken}]\n");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(with("Bearer ci-secret").await, 200);
+    assert_eq!(with("Bearer ci-secret-0123456789").await, 200);
     gw.wait_for_log(&["client keys reload refused"]);
 }
 

@@ -36,8 +36,8 @@ use crate::openai::request::{rewrite_model, summarize};
 use crate::openai::response::{ResponseReader, Unreadable};
 use crate::openai::usage::Observed;
 use crate::openai::{models, Endpoint};
-use crate::routes::Backend;
 use crate::provider_keys::ApiKey;
+use crate::routes::Backend;
 use crate::state::{GatewayState, Snapshot};
 
 /// The per-request state machine.
@@ -133,7 +133,7 @@ impl Exchange {
     fn on_request_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
         self.head = RequestHead::from_headers(h.headers.as_ref());
         // Access first: without a valid gateway key, nothing else is said.
-        if let Some(keys) = self.state.access.keys().as_ref() {
+        if let Some(keys) = self.state.client_keys.current().as_ref() {
             let presented = self.head.credential.take().unwrap_or_default();
             match keys.authorize(&presented) {
                 Some(key) => self.client = Some(key),
@@ -209,7 +209,7 @@ impl Exchange {
         let Some(route) = snapshot.routes.resolve(&summary.model) else {
             return self.reject(ApiError::model_not_found(&summary.model));
         };
-        let Some(key) = self.state.keys.get(&route.backend.api_key_file) else {
+        let Some(key) = self.state.provider_keys.get(&route.backend.name) else {
             return self.reject(ApiError::key_unavailable(&route.backend.name));
         };
 
@@ -241,7 +241,7 @@ impl Exchange {
     fn answer_model_listing(&mut self, endpoint: Endpoint) -> ProcessingResponse {
         let snapshot = Arc::clone(&self.snapshot);
         if let Some(backend) = snapshot.routes.catch_all_backend() {
-            let Some(key) = self.state.keys.get(&backend.api_key_file) else {
+            let Some(key) = self.state.provider_keys.get(&backend.name) else {
                 return self.reject(ApiError::key_unavailable(&backend.name));
             };
             let mut changes = routing_changes(backend, None, &key);
