@@ -64,17 +64,53 @@ pub struct ClientKeysConfig {
     pub file: PathBuf,
 }
 
-/// Where the external processor serves Envoy.
+/// Where the external processor serves Envoy, and who may talk to it.
+///
+/// Whoever can open a stream on this endpoint can have a request routed and
+/// read the `Authorization` header the processor sets: it is as sensitive
+/// as the provider keys. So it listens on a Unix socket only Envoy's user
+/// may open, unless the file asks for TCP, and then every stream must prove
+/// it comes from Envoy, with a shared secret or a client certificate.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExtprocConfig {
     #[serde(default = "default_extproc_listen")]
     pub listen: ListenAddr,
+    /// File mode of the Unix socket; connecting needs write permission.
+    /// 0600: only the processor's user (run Envoy as the same user); 0660:
+    /// also the socket's group (a group the two share, e.g. `fsGroup`).
+    #[serde(default = "default_socket_mode", deserialize_with = "de_socket_mode")]
+    pub socket_mode: u32,
+    /// A shared secret every stream must present (TCP): Envoy sends it as
+    /// gRPC metadata, rendered into its bootstrap by `envoy-config`.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Mutual TLS between Envoy and the processor (TCP).
+    #[serde(default)]
+    pub tls: Option<ExtprocTls>,
     /// How long Envoy waits for the processor's answer to one message before
     /// failing the request (closed). Envoy's own default, 200 ms, is too tight
     /// for multi-megabyte bodies.
     #[serde(default = "default_message_timeout", with = "humantime_serde")]
     pub message_timeout: Duration,
+}
+
+/// Mutual TLS on the ext_proc endpoint: one CA signs both sides'
+/// certificates, and each side accepts only certificates it signed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtprocTls {
+    /// The CA both certificates are signed by.
+    pub ca_file: PathBuf,
+    /// The processor's certificate (PEM, with its chain) and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The certificate and key the rendered Envoy bootstrap presents.
+    pub envoy_cert_file: PathBuf,
+    pub envoy_key_file: PathBuf,
+    /// The DNS name in the processor's certificate, which Envoy sends as
+    /// SNI and checks.
+    pub server_name: String,
 }
 
 /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
@@ -163,6 +199,9 @@ impl Default for ExtprocConfig {
     fn default() -> Self {
         Self {
             listen: default_extproc_listen(),
+            socket_mode: default_socket_mode(),
+            secret_file: None,
+            tls: None,
             message_timeout: default_message_timeout(),
         }
     }
@@ -201,8 +240,15 @@ impl Default for WatchConfig {
     }
 }
 
+/// The default ext_proc socket: on a volume only Envoy and the processor
+/// share (an `emptyDir` in Kubernetes, a named volume in compose).
+pub const DEFAULT_EXTPROC_SOCKET: &str = "/run/ai-gateway/extproc.sock";
+
 fn default_extproc_listen() -> ListenAddr {
-    ListenAddr::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1063))
+    ListenAddr::Unix(PathBuf::from(DEFAULT_EXTPROC_SOCKET))
+}
+fn default_socket_mode() -> u32 {
+    0o600
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1064)
@@ -277,6 +323,22 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;
     parse_socket_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// An octal file mode such as `"0660"` (a string, so YAML does not read it
+/// as decimal). Only read and write bits for user and group make sense for
+/// a socket; "other" must stay 0.
+fn de_socket_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let s = String::deserialize(d)?;
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| {
+        serde::de::Error::custom(format!("{s:?} is not an octal mode like \"0660\""))
+    })?;
+    if mode & !0o660 != 0 {
+        return Err(serde::de::Error::custom(format!(
+            "{s:?} gives more than read and write to user and group; use 0600 or 0660"
+        )));
+    }
+    Ok(mode)
 }
 
 fn de_opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -357,12 +419,23 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    pub fn apply(&self, config: &mut Config) {
+    /// Applies the overrides and validates the result again (a TCP
+    /// `--listen` needs a secret or TLS like one in the file).
+    pub fn apply(&self, mut config: Config, path: &Path) -> Result<Config, ConfigError> {
         if let Some(l) = &self.extproc_listen {
             config.extproc.listen = l.clone();
         }
         if let Some(a) = self.admin_listen {
             config.admin.listen = a;
+        }
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
         }
     }
 }
@@ -543,6 +616,26 @@ impl Config {
                     "must differ from extproc.listen".into(),
                 );
             }
+            if self.extproc.secret_file.is_none() && self.extproc.tls.is_none() {
+                report(
+                    "extproc.listen".into(),
+                    format!(
+                        "TCP ({a}) lets anyone who reaches the port ask for the provider keys: \
+                         set extproc.secret_file (a shared secret Envoy presents on every stream) \
+                         or extproc.tls (mutual TLS), or listen on a Unix socket (unix:/path)"
+                    ),
+                );
+            }
+        } else if self.extproc.tls.is_some() {
+            report(
+                "extproc.tls".into(),
+                "TLS applies to TCP only; a Unix socket is guarded by its file mode".into(),
+            );
+        }
+        if let Some(tls) = &self.extproc.tls {
+            if let Err(m) = check_dns_name(&tls.server_name) {
+                report("extproc.tls.server_name".into(), m);
+            }
         }
         problems
     }
@@ -573,6 +666,24 @@ fn check_backend_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A DNS name for SNI and the certificate check.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a DNS name"))
+    }
 }
 
 /// The longest model name accepted, in the config and from clients.
@@ -617,7 +728,11 @@ models:
     #[test]
     fn minimal_file_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.extproc.listen.to_string(), "127.0.0.1:1063");
+        assert_eq!(
+            c.extproc.listen.to_string(),
+            "unix:/run/ai-gateway/extproc.sock"
+        );
+        assert_eq!(c.extproc.socket_mode, 0o600);
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:1064");
         assert_eq!(c.envoy.listen.to_string(), "127.0.0.1:1975");
         assert_eq!(c.limits.max_request_body_bytes, 16 * 1024 * 1024);
@@ -736,6 +851,45 @@ limits: {max_request_body_bytes: 10}
         assert!(check_model_name("tab\there").is_err());
         assert!(check_model_name(&"m".repeat(MAX_MODEL_NAME_LEN + 1)).is_err());
         assert!(check_model_name(" padded").is_err());
+    }
+
+    /// TCP without a way to tell Envoy from anyone else is refused.
+    #[test]
+    fn tcp_extproc_needs_a_secret_or_tls() {
+        let tcp = |extra: &str| {
+            parse(&format!(
+                "{MINIMAL}extproc: {{listen: '127.0.0.1:1063'{extra}}}\n"
+            ))
+        };
+        let err = tcp("").unwrap_err().to_string();
+        assert!(
+            err.contains("extproc.listen") && err.contains("secret_file"),
+            "{err}"
+        );
+        assert!(tcp(", secret_file: /s").is_ok());
+        let tls = ", tls: {ca_file: ca, cert_file: c, key_file: k, envoy_cert_file: ec, envoy_key_file: ek, server_name: extproc.local}";
+        assert!(tcp(tls).is_ok());
+        let err = parse(&format!("{MINIMAL}extproc: {{listen: 'unix:/s'{tls}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extproc.tls"), "{err}");
+        for (mode, ok) in [
+            ("'0660'", true),
+            ("'0600'", true),
+            ("'0666'", false),
+            ("'0777'", false),
+            ("'x'", false),
+        ] {
+            let r = parse(&format!("{MINIMAL}extproc: {{socket_mode: {mode}}}\n"));
+            assert_eq!(r.is_ok(), ok, "{mode}: {r:?}");
+        }
+        // An override to TCP is validated too.
+        let c = parse(MINIMAL).unwrap();
+        let over = Overrides {
+            extproc_listen: Some("127.0.0.1:9".parse().unwrap()),
+            admin_listen: None,
+        };
+        assert!(over.apply(c, Path::new("t.yaml")).is_err());
     }
 
     #[test]

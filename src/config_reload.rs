@@ -32,9 +32,7 @@ impl Reload for ConfigReload {
     type Error = ConfigError;
 
     fn parse(&self, path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut config = Config::from_text(text, path)?;
-        self.overrides.apply(&mut config);
-        Ok(config)
+        self.overrides.apply(Config::from_text(text, path)?, path)
     }
 
     async fn apply(&mut self, config: Config) {

@@ -26,9 +26,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr};
-use crate::extproc::headers::{CREDENTIAL_HEADERS, READ_HEADERS};
+use crate::extproc::headers::{CLIENT_HEADERS_NOT_FORWARDED, CREDENTIAL_HEADERS, READ_HEADERS};
 use crate::extproc::report::METADATA_NAMESPACE;
-use crate::extproc::{BACKEND_HEADER, INTERNAL_HEADER_PREFIX};
+use crate::extproc::stream_auth::{read_secret, SecretError, SECRET_HEADER};
+use crate::extproc::{BACKEND_HEADER, INTERNAL_HEADER_PREFIX, MODEL_HEADER};
 use crate::openai::error::{error_json, too_large_message};
 
 /// The Envoy cluster of the processor.
@@ -41,6 +42,8 @@ pub enum RenderError {
     Backend { backend: String, message: String },
     #[error("cannot serialize the bootstrap: {0}")]
     Serialize(#[from] serde_yaml_ng::Error),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// The bootstrap YAML for `config`.
@@ -71,7 +74,7 @@ pub fn render(config: &Config) -> Result<String, RenderError> {
     let mut bootstrap = json!({
         "node": {"id": "ai-gateway", "cluster": "ai-gateway"},
         "static_resources": {
-            "listeners": [listener(config, routes)],
+            "listeners": [listener(config, routes)?],
             "clusters": clusters,
         },
     });
@@ -85,9 +88,9 @@ pub fn render(config: &Config) -> Result<String, RenderError> {
     ))
 }
 
-fn listener(config: &Config, routes: Vec<Value>) -> Value {
+fn listener(config: &Config, routes: Vec<Value>) -> Result<Value, RenderError> {
     let limit = config.limits.max_request_body_bytes;
-    json!({
+    Ok(json!({
         "name": "ai-gateway",
         "address": socket_address(config.envoy.listen),
         "per_connection_buffer_limit_bytes": limit,
@@ -111,7 +114,7 @@ fn listener(config: &Config, routes: Vec<Value>) -> Value {
                             "routes": routes,
                         }],
                     },
-                    "http_filters": [ext_proc_filter(config), {
+                    "http_filters": [ext_proc_filter(config)?, {
                         "name": "envoy.filters.http.router",
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
@@ -120,15 +123,26 @@ fn listener(config: &Config, routes: Vec<Value>) -> Value {
                 },
             }],
         }],
-    })
+    }))
 }
 
-fn ext_proc_filter(config: &Config) -> Value {
-    json!({
+/// How Envoy reaches the processor: its cluster, and on TCP with a shared
+/// secret, the secret as metadata on every stream.
+fn extproc_grpc_service(config: &Config) -> Result<Value, RenderError> {
+    let mut service = json!({"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}});
+    if let (ListenAddr::Tcp(_), Some(file)) = (&config.extproc.listen, &config.extproc.secret_file)
+    {
+        service["initial_metadata"] = json!([{"key": SECRET_HEADER, "value": read_secret(file)?}]);
+    }
+    Ok(service)
+}
+
+fn ext_proc_filter(config: &Config) -> Result<Value, RenderError> {
+    Ok(json!({
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "grpc_service": extproc_grpc_service(config)?,
             "failure_mode_allow": false,
             "message_timeout": duration(config.extproc.message_timeout),
             // Two messages carry the request (headers, then the whole body:
@@ -153,7 +167,7 @@ fn ext_proc_filter(config: &Config) -> Value {
             // only accepts it in namespaces listed here.
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         },
-    })
+    }))
 }
 
 fn forwarded_header_patterns() -> Vec<Value> {
@@ -168,11 +182,31 @@ fn forwarded_header_patterns() -> Vec<Value> {
 /// Envoy's own error answers, made OpenAI-shaped. The processor's immediate
 /// responses are local replies too, so each mapper either gives the same
 /// body the processor would (413) or matches only what the processor never
-/// sends (500, upstream failure flags).
+/// sends (500, 502, 504, 408, 431, upstream and protocol failure flags).
+/// The first matching mapper wins: flags before statuses.
 fn local_replies(config: &Config) -> Value {
     let limit = usize::try_from(config.limits.max_request_body_bytes).unwrap_or(usize::MAX);
     json!({
         "mappers": [
+            {
+                // Connection failures, timeouts and resets on the way to a
+                // provider; the processor's own replies carry no such flag.
+                "filter": {"response_flag_filter": {"flags": ["UF", "UH", "UO", "URX", "UC", "UT", "UR", "DC", "UPE", "NC", "UMSDR"]}},
+                "body_format_override": {"json_format": {"error": {
+                    "message": "The backend could not be reached or did not answer in time: %LOCAL_REPLY_BODY%",
+                    "type": "server_error",
+                    "code": "upstream_unavailable",
+                }}},
+            },
+            {
+                // Malformed HTTP from the client, caught by Envoy's codec.
+                "filter": {"response_flag_filter": {"flags": ["DPE"]}},
+                "body_format_override": {"json_format": {"error": {
+                    "message": "The request is not valid HTTP: %LOCAL_REPLY_BODY%",
+                    "type": "invalid_request_error",
+                    "code": "invalid_request",
+                }}},
+            },
             status_mapper(413, &too_large_message(limit), "invalid_request_error", "request_too_large"),
             status_mapper(
                 500,
@@ -180,16 +214,30 @@ fn local_replies(config: &Config) -> Value {
                 "server_error",
                 "gateway_processor_failure",
             ),
-            {
-                // Connection failures, timeouts and resets on the way to a
-                // provider; the processor's own replies carry no such flag.
-                "filter": {"response_flag_filter": {"flags": ["UF", "UH", "UO", "URX", "UC", "UT", "UR", "DC"]}},
-                "body_format_override": {"json_format": {"error": {
-                    "message": "The backend could not be reached or did not answer in time: %LOCAL_REPLY_BODY%",
-                    "type": "server_error",
-                    "code": "upstream_unavailable",
-                }}},
-            },
+            status_mapper(
+                504,
+                "The AI gateway's external processor did not answer in time (extproc.message_timeout); try again, or send a smaller body.",
+                "server_error",
+                "gateway_processor_timeout",
+            ),
+            status_mapper(
+                502,
+                "The backend's answer could not be read.",
+                "server_error",
+                "upstream_unavailable",
+            ),
+            status_mapper(
+                408,
+                "The request was not received in time.",
+                "invalid_request_error",
+                "request_timeout",
+            ),
+            status_mapper(
+                431,
+                "The request headers are too large.",
+                "invalid_request_error",
+                "headers_too_large",
+            ),
         ],
     })
 }
@@ -217,9 +265,13 @@ fn access_log() -> Value {
                 "start_time": "%START_TIME%",
                 "request_id": "%REQ(X-REQUEST-ID)%",
                 "method": "%REQ(:METHOD)%",
-                "path": "%REQ(:PATH)%",
-                "model": "%REQ(X-AI-EG-MODEL)%",
-                "backend": "%REQ(X-AI-EG-BACKEND)%",
+                // Without the query: a client may put a key there.
+                "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+                // The routing headers are gone by now (removed on the way
+                // upstream): the cluster is the backend, and the processor's
+                // one metadata write names the model.
+                "model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%"),
+                "backend": "%UPSTREAM_CLUSTER%",
                 "response_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:response_model)%"),
                 "input_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:input_tokens)%"),
                 "output_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:output_tokens)%"),
@@ -234,7 +286,13 @@ fn access_log() -> Value {
                 "bytes_sent": "%BYTES_SENT%",
                 "duration_ms": "%DURATION%",
                 "user_agent": "%REQ(USER-AGENT)%",
-            }},
+            },
+                // REQ_WITHOUT_QUERY is an extension formatter.
+                "formatters": [{
+                    "name": "envoy.formatter.req_without_query",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"},
+                }],
+            },
         },
     })
 }
@@ -246,6 +304,12 @@ fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
         "timeout": duration(backend.request_timeout),
         "idle_timeout": duration(backend.idle_timeout),
     });
+    // What no provider gets: the routing headers once they have routed, and
+    // the client headers listed in `CLIENT_HEADERS_NOT_FORWARDED`.
+    let remove: Vec<&str> = [BACKEND_HEADER, MODEL_HEADER]
+        .into_iter()
+        .chain(CLIENT_HEADERS_NOT_FORWARDED.iter().copied())
+        .collect();
     if !url.path_prefix.is_empty() {
         route["prefix_rewrite"] = json!(format!("{}/", url.path_prefix));
     }
@@ -256,6 +320,7 @@ fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
             "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": backend.name}}],
         },
         "route": route,
+        "request_headers_to_remove": remove,
     })
 }
 
@@ -308,7 +373,7 @@ fn extproc_cluster(config: &Config) -> Value {
         ListenAddr::Unix(path) => json!({"pipe": {"path": path.display().to_string()}}),
         ListenAddr::Tcp(addr) => socket_address(dialable(*addr)),
     };
-    json!({
+    let mut cluster = json!({
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -320,7 +385,30 @@ fn extproc_cluster(config: &Config) -> Value {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
-    })
+    });
+    if let Some(tls) = &config.extproc.tls {
+        // Mutual TLS: Envoy presents its certificate and accepts only the
+        // processor's, both signed by the one CA.
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls.server_name,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [{
+                        "certificate_chain": {"filename": tls.envoy_cert_file.display().to_string()},
+                        "private_key": {"filename": tls.envoy_key_file.display().to_string()},
+                    }],
+                    "validation_context": {
+                        "trusted_ca": {"filename": tls.ca_file.display().to_string()},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls.server_name}}],
+                    },
+                },
+            },
+        });
+    }
+    cluster
 }
 
 fn http_protocol_options(explicit: Value) -> Value {

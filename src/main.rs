@@ -15,6 +15,7 @@ use ai_gateway_extproc::client_keys::{ClientKeySet, ClientKeys, ClientKeysReload
 use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
 use ai_gateway_extproc::config_reload::ConfigReload;
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
+use ai_gateway_extproc::extproc::stream_auth::{read_secret, StreamAuth};
 use ai_gateway_extproc::extproc::ExtProcService;
 use ai_gateway_extproc::logging::{self, LogFormat};
 use ai_gateway_extproc::login::{LoginOptions, Output};
@@ -141,8 +142,7 @@ fn load_config(cli: &Cli) -> Result<(PathBuf, Config)> {
         .config
         .clone()
         .context("--config FILE is required (or set AI_GATEWAY_CONFIG)")?;
-    let mut config = Config::load(&path)?;
-    overrides(cli).apply(&mut config);
+    let config = overrides(cli).apply(Config::load(&path)?, &path)?;
     Ok((path, config))
 }
 
@@ -237,7 +237,12 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         Arc::clone(&client_keys),
     ));
 
-    let extproc = ExtProcListener::bind(&extproc_addr).await?;
+    let extproc = ExtProcListener::bind(&state.snapshot().config.extproc).await?;
+    let stream_auth = match (&extproc_addr, &state.snapshot().config.extproc.secret_file) {
+        (ListenAddr::Tcp(_), Some(file)) => StreamAuth::shared_secret(&read_secret(file)?),
+        // A Unix socket's mode, or mutual TLS, lets only Envoy in.
+        _ => StreamAuth::transport(),
+    };
     let admin_listener = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on {admin_addr} (admin)"))?;
@@ -280,7 +285,7 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         shutdown::requested(stop_rx.clone()),
     ));
 
-    let service = ExtProcService::new(Arc::clone(&state));
+    let service = ExtProcService::new(Arc::clone(&state), stream_auth);
     let mut server = tokio::spawn(extproc.serve(service, body_limit, shutdown::requested(stop_rx)));
     tokio::select! {
         _ = shutdown::signal() => {}

@@ -152,7 +152,7 @@ fn missing_keys_file_stops_the_start() {
         &config,
         "backends: [{name: t, url: 'http://127.0.0.1:9', api_key_file: k}]\nmodels: [{name: '*', backend: t}]\n\
          client_keys: {file: /nonexistent/client-keys.yaml}\nadmin: {listen: '127.0.0.1:0'}\n\
-         extproc: {listen: '127.0.0.1:0'}\n",
+         extproc: {listen: 'unix:/tmp/unused.sock'}\n",
     )
     .unwrap();
     let out = std::process::Command::new(extproc_bin())

@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use tonic::Status;
 
 use super::headers::{header, response_status, RequestHead};
+use super::order::{Message, StreamOrder};
 use super::reply::{self, set_header, Changes};
 use super::report::{self, Completion, Outcome};
 use super::{BACKEND_HEADER, MODEL_HEADER};
@@ -43,6 +44,7 @@ use crate::state::{GatewayState, Snapshot};
 /// The per-request state machine.
 pub struct Exchange {
     state: Arc<GatewayState>,
+    order: StreamOrder,
     /// The configuration this request is served under, from start to end.
     snapshot: Arc<Snapshot>,
     started: Instant,
@@ -76,14 +78,26 @@ struct ResponseSeen {
     observed: Option<Observed>,
 }
 
+/// The kind of a message, and its end-of-stream flag.
+fn kind_of(message: &ProcessingRequest) -> Option<(Message, bool)> {
+    Some(match message.request.as_ref()? {
+        Request::RequestHeaders(h) => (Message::RequestHeaders, h.end_of_stream),
+        Request::RequestBody(b) => (Message::RequestBody, b.end_of_stream),
+        Request::RequestTrailers(_) => (Message::RequestTrailers, true),
+        Request::ResponseHeaders(h) => (Message::ResponseHeaders, h.end_of_stream),
+        Request::ResponseBody(b) => (Message::ResponseBody, b.end_of_stream),
+        Request::ResponseTrailers(_) => (Message::ResponseTrailers, true),
+    })
+}
+
 /// The phase a message belongs to, for the per-phase timing metric.
-fn phase_of(message: &ProcessingRequest) -> Phase {
-    match message.request {
-        Some(Request::RequestHeaders(_)) => Phase::RequestHeaders,
-        Some(Request::RequestBody(_)) => Phase::RequestBody,
-        Some(Request::ResponseHeaders(_)) => Phase::ResponseHeaders,
-        Some(Request::ResponseBody(_)) => Phase::ResponseBody,
-        _ => Phase::Other,
+fn phase_of(kind: Message) -> Phase {
+    match kind {
+        Message::RequestHeaders => Phase::RequestHeaders,
+        Message::RequestBody => Phase::RequestBody,
+        Message::ResponseHeaders => Phase::ResponseHeaders,
+        Message::ResponseBody => Phase::ResponseBody,
+        Message::RequestTrailers | Message::ResponseTrailers => Phase::Other,
     }
 }
 
@@ -92,6 +106,7 @@ impl Exchange {
         let snapshot = state.snapshot();
         Self {
             state,
+            order: StreamOrder::default(),
             snapshot,
             started: Instant::now(),
             head: RequestHead::default(),
@@ -105,29 +120,33 @@ impl Exchange {
         }
     }
 
-    /// Answers one message from Envoy. Every message gets exactly one answer.
+    /// Answers one message from Envoy: exactly one answer per message, or a
+    /// gRPC error (which ends the stream; Envoy fails the request closed)
+    /// for a message out of order.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
         let started = Instant::now();
-        let phase = phase_of(&message);
-        let answer = match message.request {
-            Some(Request::RequestHeaders(h)) => Ok(self.on_request_headers(h)),
-            Some(Request::RequestBody(b)) => Ok(self.on_request_body(b)),
-            Some(Request::ResponseHeaders(h)) => Ok(self.on_response_headers(&h)),
-            Some(Request::ResponseBody(b)) => Ok(self.on_response_body(&b)),
-            Some(Request::RequestTrailers(_)) | Some(Request::ResponseTrailers(_)) => {
-                Err(Status::failed_precondition(
-                    "ai-gateway-extproc does not process trailers; set the trailer modes to SKIP",
-                ))
-            }
-            None => Err(Status::invalid_argument(
+        let Some((kind, end_of_stream)) = kind_of(&message) else {
+            return Err(Status::invalid_argument(
                 "ProcessingRequest without a request",
-            )),
+            ));
+        };
+        if let Err(e) = self.order.accept(kind, end_of_stream) {
+            tracing::warn!(request_id = %self.head.request_id, "{e}");
+            return Err(Status::failed_precondition(e.to_string()));
+        }
+        let answer = match message.request {
+            Some(Request::RequestHeaders(h)) => self.on_request_headers(h),
+            Some(Request::RequestBody(b)) => self.on_request_body(b),
+            Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
+            Some(Request::ResponseBody(b)) => self.on_response_body(&b),
+            // Trailers are never asked for, so `accept` refused them.
+            _ => return Err(Status::failed_precondition("trailers are not processed")),
         };
         self.state
             .metrics
             .phases
-            .observe(phase, started.elapsed().as_secs_f64());
-        answer
+            .observe(phase_of(kind), started.elapsed().as_secs_f64());
+        Ok(answer)
     }
 
     fn on_request_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
@@ -168,13 +187,25 @@ impl Exchange {
             return self.reject(ApiError::body_too_large(limit));
         }
         // Strip client credentials now; routing waits for the body.
-        reply::request_headers(Changes {
-            remove: std::mem::take(&mut self.head.to_remove),
-            ..Changes::default()
-        })
+        reply::request_headers(self.client_hygiene(Changes::default()))
+    }
+
+    /// Adds what every forwarded request loses: the client's credential
+    /// headers, the internal headers it sent, credential query parameters.
+    fn client_hygiene(&mut self, mut changes: Changes) -> Changes {
+        changes.remove = std::mem::take(&mut self.head.to_remove);
+        if let Some(path) = self.head.path_without_credentials() {
+            changes.set.push(set_header(":path", path.as_bytes()));
+        }
+        changes
     }
 
     fn on_request_body(&mut self, chunk: HttpBody) -> ProcessingResponse {
+        if !self.endpoint.is_some_and(Endpoint::has_model_body) {
+            // A GET routes by its path, decided with its headers; a body it
+            // carries is passed along unread and changes nothing.
+            return reply::request_body(Changes::default());
+        }
         let limit = self.snapshot.max_request_body_bytes;
         if self.body.len() + chunk.body.len() > limit {
             return self.reject(ApiError::body_too_large(limit));
@@ -240,12 +271,26 @@ impl Exchange {
     /// otherwise the gateway's list of the models it routes.
     fn answer_model_listing(&mut self, endpoint: Endpoint) -> ProcessingResponse {
         let snapshot = Arc::clone(&self.snapshot);
+        if endpoint == Endpoint::Model {
+            let id = &self.head.path["/v1/models/".len()..];
+            if id.contains('%') {
+                // The provider may decode `%2F` into a path separator (or
+                // not): the gateway cannot know which model it would read.
+                return self.reject(ApiError::invalid_model(
+                    "The model id in the path must not be percent-encoded; send it as it is (e.g. /v1/models/xai/grok-4.5).".into(),
+                ));
+            }
+            if let Err(m) = crate::config::check_model_name(id) {
+                return self.reject(ApiError::invalid_model(format!(
+                    "The model id in the path {m}."
+                )));
+            }
+        }
         if let Some(backend) = snapshot.routes.catch_all_backend() {
             let Some(key) = self.state.provider_keys.get(&backend.name) else {
                 return self.reject(ApiError::key_unavailable(&backend.name));
             };
-            let mut changes = routing_changes(backend, None, &key);
-            changes.remove = std::mem::take(&mut self.head.to_remove);
+            let changes = self.client_hygiene(routing_changes(backend, None, &key));
             self.forwarded = Some(Forwarded {
                 backend: Arc::clone(backend),
                 model: None,
@@ -266,6 +311,7 @@ impl Exchange {
         };
         self.count("answered", "");
         self.answered = Some((200, None));
+        self.order.answered();
         self.report(Outcome::Answered);
         reply::immediate(200, body, "application/json", "ai_gateway_model_list")
     }
@@ -276,10 +322,18 @@ impl Exchange {
         let Some(fwd) = &self.forwarded else {
             return reply::response_headers(Changes::default());
         };
-        if status >= 400 {
+        let failed = status >= 400;
+        let metadata = failed.then(|| {
             let retry_after = header(headers, "retry-after").map(String::from_utf8_lossy);
             self.log_upstream_error(fwd, status, retry_after.as_deref());
-        }
+            // The one metadata write of a failed request: the access log
+            // names its backend and model.
+            report::response_metadata(
+                &fwd.backend.name,
+                fwd.model.as_deref(),
+                &Observed::default(),
+            )
+        });
         // Only inference responses carry usage; a model list is left alone.
         let read_body = (200..300).contains(&status)
             && !h.end_of_stream
@@ -295,6 +349,9 @@ impl Exchange {
             first_byte: None,
             observed: None,
         });
+        if let Some(metadata) = metadata {
+            return reply::with_metadata(reply::response_headers(Changes::default()), metadata);
+        }
         if !read_body {
             return reply::response_headers(Changes::default());
         }
@@ -398,6 +455,7 @@ impl Exchange {
     fn reject(&mut self, error: ApiError) -> ProcessingResponse {
         self.count("rejected", error.code);
         self.answered = Some((error.status, Some(error.code)));
+        self.order.answered();
         self.report(Outcome::Answered);
         reply::error(&error)
     }
@@ -451,7 +509,7 @@ impl Drop for Exchange {
     /// Envoy closes the stream when the HTTP exchange is over: what has not
     /// been reported yet is reported now, with how it ended.
     fn drop(&mut self) {
-        if self.reported || self.head.method.is_empty() {
+        if self.reported || !self.order.started() {
             return;
         }
         let outcome = match &self.response {

@@ -71,6 +71,11 @@ where
             let unimplemented = Status::unimplemented("only ExternalProcessor/Process is served");
             return Box::pin(async move { Ok(unimplemented.into_http()) });
         }
+        // Before any message is read: a stream that is not Envoy's gets
+        // nothing, not even an error about its content.
+        if let Err(refused) = self.service.auth().check(request.headers()) {
+            return Box::pin(async move { Ok(refused.into_http()) });
+        }
         let process = Process(self.service.clone());
         let limit = Some(self.max_message_bytes);
         Box::pin(async move {

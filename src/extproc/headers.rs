@@ -14,6 +14,40 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "proxy-authorization",
 ];
 
+/// Client headers no provider gets, whatever the route, removed by Envoy's
+/// routes (`request_headers_to_remove`) so the processor need not see them:
+/// - `cookie`: the gateway's own clients' cookies are nobody else's business;
+/// - `openai-organization`, `openai-project`: they pick which organization
+///   or project of the *gateway's* key is billed; the operator chooses that,
+///   not a client;
+/// - `x-auth-token`, `anthropic-api-key`, `ocp-apim-subscription-key`: other
+///   ways of handing a provider (or an API manager in front of one) a key.
+///
+/// Left alone on purpose: `user-agent`, `http-referer`, `x-title` (clients
+/// such as Kilo Code identify themselves; providers use them for analytics),
+/// `anthropic-version` and `anthropic-beta` (they select the API version the
+/// body is written for).
+pub const CLIENT_HEADERS_NOT_FORWARDED: &[&str] = &[
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "x-auth-token",
+    "anthropic-api-key",
+    "ocp-apim-subscription-key",
+];
+
+/// Query parameters through which a client could hand a provider its own
+/// key (`?key=` is Google's form, `?api-key=` some proxies'); removed from
+/// the path the provider gets. Compared without case, after decoding.
+pub const CREDENTIAL_PARAMS: &[&str] = &[
+    "key",
+    "api-key",
+    "api_key",
+    "apikey",
+    "access_token",
+    "token",
+];
+
 /// The other headers the processor reads, request and response. Envoy sends
 /// the processor only these, the credential headers and the internal prefix
 /// (`forward_rules` in the rendered bootstrap): every header left out is
@@ -43,6 +77,8 @@ pub struct RequestHead {
     pub method: String,
     /// The path without its query string.
     pub path: String,
+    /// The query string, without its `?`, if there was one.
+    pub query: Option<String>,
     pub request_id: String,
     pub content_length: Option<u64>,
     /// Client headers to remove before forwarding: credentials and any
@@ -76,8 +112,12 @@ impl RequestHead {
             match key {
                 ":method" => head.method = String::from_utf8_lossy(value).into_owned(),
                 ":path" => {
-                    let path = value.split(|&b| b == b'?').next().unwrap_or_default();
+                    let mut parts = value.splitn(2, |&b| b == b'?');
+                    let path = parts.next().unwrap_or_default();
                     head.path = String::from_utf8_lossy(path).into_owned();
+                    head.query = parts
+                        .next()
+                        .map(|q| String::from_utf8_lossy(q).into_owned());
                 }
                 "x-request-id" => head.request_id = String::from_utf8_lossy(value).into_owned(),
                 "authorization" => {
@@ -106,6 +146,33 @@ impl RequestHead {
             }
         }
         head
+    }
+}
+
+impl RequestHead {
+    /// The `:path` to forward instead, when the query carries a credential
+    /// parameter (the provider must get only the gateway's key).
+    pub fn path_without_credentials(&self) -> Option<String> {
+        let query = self.query.as_deref()?;
+        let is_credential = |pair: &str| {
+            url::form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .is_some_and(|(name, _)| {
+                    CREDENTIAL_PARAMS
+                        .iter()
+                        .any(|c| c.eq_ignore_ascii_case(name.trim()))
+                })
+        };
+        let pairs: Vec<&str> = query.split('&').collect();
+        if !pairs.iter().any(|p| is_credential(p)) {
+            return None;
+        }
+        let kept: Vec<&str> = pairs.into_iter().filter(|p| !is_credential(p)).collect();
+        Some(if kept.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, kept.join("&"))
+        })
     }
 }
 
@@ -193,6 +260,35 @@ mod tests {
         assert_eq!(format!("{full:?}"), format!("{seen:?}"));
         for name in [":status", "content-type", "content-encoding", "retry-after"] {
             assert!(is_forwarded(name), "{name} is read from responses");
+        }
+    }
+
+    #[test]
+    fn credential_query_parameters_are_dropped() {
+        let head = |path: &str| RequestHead::from_headers(Some(&map(&[(":path", path)])));
+        for (path, want) in [
+            ("/v1/chat/completions", None),
+            ("/v1/chat/completions?a=1", None),
+            (
+                "/v1/chat/completions?key=sk-1",
+                Some("/v1/chat/completions"),
+            ),
+            (
+                "/v1/chat/completions?api-key=sk-1&a=1",
+                Some("/v1/chat/completions?a=1"),
+            ),
+            (
+                "/v1/models?a=1&API_KEY=sk-1&b=2",
+                Some("/v1/models?a=1&b=2"),
+            ),
+            ("/v1/models?%6Bey=sk-1", Some("/v1/models")),
+            ("/v1/models?access_token=sk&token=sk", Some("/v1/models")),
+        ] {
+            assert_eq!(
+                head(path).path_without_credentials().as_deref(),
+                want,
+                "{path}"
+            );
         }
     }
 

@@ -1,26 +1,44 @@
-//! Binding and serving the ext_proc gRPC service on TCP or a Unix socket.
+//! Binding and serving the ext_proc gRPC endpoint, on a Unix socket (the
+//! default: Envoy runs beside the processor) or TCP.
 //!
-//! A Unix socket is the cheaper transport when Envoy runs beside the
-//! processor (same pod, shared `emptyDir`); TCP is there for everything else.
+//! The endpoint hands out provider keys to whoever may open a stream (see
+//! `stream_auth`), so binding is careful:
+//! - the Unix socket is created in a private directory, given its mode
+//!   (`extproc.socket_mode`), and only then renamed into place: no moment
+//!   exists where another user could connect to it;
+//! - an existing socket is replaced only if nothing answers on it (a crashed
+//!   run's leftover); a live one belongs to a running processor, and this
+//!   one refuses to start rather than take it over;
+//! - TCP is served with mutual TLS when `extproc.tls` says so.
 
 use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use super::grpc::ExtProcEndpoint;
 use super::ExtProcService;
-use crate::config::ListenAddr;
+use crate::config::{ExtprocConfig, ExtprocTls, ListenAddr};
+use crate::regular_file::{self, ReadError};
 
 /// Room for the protobuf framing around a request body in one message.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
+/// Certificates and keys are a few kilobytes.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 /// A bound ext_proc listener.
-pub enum ExtProcListener {
+pub struct ExtProcListener {
+    socket: Bound,
+    tls: Option<ServerTlsConfig>,
+}
+
+enum Bound {
     Tcp(TcpListener),
     Unix {
         listener: UnixListener,
@@ -39,35 +57,48 @@ pub enum ListenError {
     },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("another process is serving {path} (a second ai-gateway-extproc?); stop it first, or listen elsewhere")]
+    InUse { path: PathBuf },
+    #[error("cannot read {what} {path}: {source}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: ReadError,
+    },
+    #[error("extproc.tls: {0}")]
+    Tls(#[source] tonic::transport::Error),
 }
 
 impl ExtProcListener {
-    pub async fn bind(addr: &ListenAddr) -> Result<Self, ListenError> {
+    pub async fn bind(config: &ExtprocConfig) -> Result<Self, ListenError> {
+        let addr = &config.listen;
         let bind_err = |source| ListenError::Bind {
             addr: addr.to_string(),
             source,
         };
-        match addr {
-            ListenAddr::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a).await.map_err(bind_err)?)),
-            ListenAddr::Unix(path) => {
-                remove_stale_socket(path)?;
-                let listener = UnixListener::bind(path).map_err(bind_err)?;
-                Ok(Self::Unix {
-                    listener,
-                    path: path.clone(),
-                })
-            }
-        }
+        let socket = match addr {
+            ListenAddr::Tcp(a) => Bound::Tcp(TcpListener::bind(a).await.map_err(bind_err)?),
+            ListenAddr::Unix(path) => Bound::Unix {
+                listener: bind_unix(path, config.socket_mode).map_err(|e| match e {
+                    BindUnix::Io(source) => bind_err(source),
+                    BindUnix::Other(e) => e,
+                })?,
+                path: path.clone(),
+            },
+        };
+        let tls = config.tls.as_ref().map(server_tls).transpose()?;
+        Ok(Self { socket, tls })
     }
 
     /// The address actually bound (the port is real even if 0 was asked).
     pub fn local_addr(&self) -> String {
-        match self {
-            Self::Tcp(l) => l
+        match &self.socket {
+            Bound::Tcp(l) => l
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp:?".into()),
-            Self::Unix { path, .. } => format!("unix:{}", path.display()),
+            Bound::Unix { path, .. } => format!("unix:{}", path.display()),
         }
     }
 
@@ -91,20 +122,22 @@ impl ExtProcListener {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        let server = Server::builder()
+        let mut builder = Server::builder()
             // Envoy keeps its connection for good; pings find a dead peer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(grpc);
-        match self {
-            Self::Tcp(listener) => {
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder.add_service(health_service).add_service(grpc);
+        match self.socket {
+            Bound::Tcp(listener) => {
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
                 server
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
             }
-            Self::Unix { listener, path } => {
+            Bound::Unix { listener, path } => {
                 let result = server
                     .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                     .await;
@@ -115,12 +148,55 @@ impl ExtProcListener {
     }
 }
 
-/// A socket file left by a previous run would make `bind` fail; anything
-/// else at that path is not ours to delete.
+enum BindUnix {
+    Io(std::io::Error),
+    Other(ListenError),
+}
+
+impl From<std::io::Error> for BindUnix {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Creates the socket at `path` with `mode`, atomically.
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, BindUnix> {
+    remove_stale_socket(path).map_err(BindUnix::Other)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    warn_if_shared(dir);
+    // A directory only this user can enter: the socket is born there, with
+    // whatever mode the umask gives it, and gets its real mode before it
+    // becomes reachable by the rename.
+    let private = dir.join(format!(".ai-gateway-extproc.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("extproc.sock");
+    let result = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staged, path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    Ok(result?)
+}
+
+/// A socket file left by a previous run would make `bind` fail. Nothing
+/// answering on it means it is a leftover; anything else at that path is
+/// not ours to delete.
 fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ListenError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
             let _ = std::fs::remove_file(path);
             Ok(())
         }
@@ -128,5 +204,93 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
             path: path.to_path_buf(),
         }),
         Err(_) => Ok(()),
+    }
+}
+
+/// In a directory every user may write to, another user could remove the
+/// socket (without the sticky bit) or race a socket of their own into its
+/// place before the processor starts; say so.
+fn warn_if_shared(dir: &Path) {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "the ext_proc socket's directory is writable by every user; put the socket in a directory only the processor and Envoy can write"
+        );
+    }
+}
+
+fn server_tls(tls: &ExtprocTls) -> Result<ServerTlsConfig, ListenError> {
+    let pem = |what: &'static str, path: &Path| {
+        regular_file::read(path, MAX_PEM_BYTES).map_err(|source| ListenError::Pem {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(
+        pem("extproc.tls.cert_file", &tls.cert_file)?,
+        pem("extproc.tls.key_file", &tls.key_file)?,
+    );
+    let ca = Certificate::from_pem(pem("extproc.tls.ca_file", &tls.ca_file)?);
+    // `client_auth_optional` stays false: a stream without a certificate
+    // signed by the CA never gets past the handshake.
+    Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[tokio::test]
+    async fn socket_gets_its_mode_and_a_live_socket_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extproc.sock");
+        let config = ExtprocConfig {
+            listen: ListenAddr::Unix(path.clone()),
+            socket_mode: 0o660,
+            ..ExtprocConfig::default()
+        };
+        let first = ExtProcListener::bind(&config).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o660);
+        let second = ExtProcListener::bind(&config).await;
+        assert!(
+            matches!(second, Err(ListenError::InUse { .. })),
+            "a running processor's socket was replaced"
+        );
+        // No staging directory is left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers, [std::ffi::OsString::from("extproc.sock")]);
+        drop(first);
+        // Nothing answers now: a leftover, replaced.
+        let again = ExtProcListener::bind(&ExtprocConfig {
+            socket_mode: 0o600,
+            ..config
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        drop(again);
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extproc.sock");
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(
+            remove_stale_socket(&path),
+            Err(ListenError::NotASocket { .. })
+        ));
+        assert!(path.exists());
     }
 }

@@ -9,9 +9,11 @@ mod exchange;
 mod grpc;
 pub mod headers;
 pub mod listener;
+mod order;
 mod reply;
 pub mod report;
 mod service;
+pub mod stream_auth;
 
 pub use exchange::Exchange;
 pub use service::ExtProcService;

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::stream_auth::StreamAuth;
 use super::Exchange;
 use crate::state::GatewayState;
 
@@ -20,11 +21,20 @@ use crate::state::GatewayState;
 #[derive(Clone)]
 pub struct ExtProcService {
     state: Arc<GatewayState>,
+    auth: Arc<StreamAuth>,
 }
 
 impl ExtProcService {
-    pub fn new(state: Arc<GatewayState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<GatewayState>, auth: StreamAuth) -> Self {
+        Self {
+            state,
+            auth: Arc::new(auth),
+        }
+    }
+
+    /// The check every stream passes before its first message.
+    pub fn auth(&self) -> &StreamAuth {
+        &self.auth
     }
 }
 

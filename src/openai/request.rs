@@ -3,8 +3,16 @@
 //!
 //! The body is validated as a whole (UTF-8, one JSON object, nothing after
 //! it) because the provider will parse it too: anything it could read
-//! differently from us is rejected here. Values other than `model` and
-//! `stream` are skipped by serde_json without allocating, and serde_json's
+//! differently from us is rejected here. That includes every field the
+//! gateway reads ([`READ_FIELDS`]): each must appear at most once, and in
+//! exactly its spelling. Parsers disagree on duplicates (first or last
+//! wins), and some match keys case-insensitively (Go's `encoding/json`, which
+//! many OpenAI-compatible servers use, reads `"MODEL"` or `"Model"` as
+//! `model`, and folds `ſ`, `K`, `ı` and `İ` to `s`, `k`, `i`, `i`), so
+//! `{"model":"cheap","MODEL":"expensive"}` would be allowed and billed as
+//! one model and served as another. Such bodies get a 400.
+//!
+//! Other values are skipped by serde_json without allocating, and its
 //! recursion limit turns absurd nesting into an error instead of a stack
 //! overflow.
 
@@ -26,7 +34,21 @@ pub struct RequestSummary<'a> {
     pub model_span: Range<usize>,
     /// `"stream": true` was asked for.
     pub stream: bool,
+    /// The output cap the request names (`max_tokens`,
+    /// `max_completion_tokens` or `max_output_tokens`), if a non-negative
+    /// integer.
+    pub max_output_tokens: Option<u64>,
 }
+
+/// The top-level fields the gateway reads: each must appear at most once,
+/// spelled exactly so.
+pub const READ_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+];
 
 /// Why a body cannot be routed; each maps to a 400 with this text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,8 +67,14 @@ pub enum BodyError {
     ModelNotString,
     #[error("The request body has more than one `model` field; send exactly one.")]
     DuplicateModel,
+    #[error("The request body has a field {0:?} that some providers read as `model`; send exactly one field spelled `model`.")]
+    ModelSpelling(String),
     #[error("The `model` field {0}.")]
     InvalidModel(String),
+    #[error("The request body has more than one `{0}` field; send it once.")]
+    DuplicateField(&'static str),
+    #[error("The request body has a field {key:?} that some providers read as `{field}`; spell it `{field}`.")]
+    FieldSpelling { key: String, field: &'static str },
 }
 
 impl BodyError {
@@ -57,6 +85,7 @@ impl BodyError {
             Self::ModelMissing
                 | Self::ModelNotString
                 | Self::DuplicateModel
+                | Self::ModelSpelling(_)
                 | Self::InvalidModel(_)
         )
     }
@@ -86,10 +115,12 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
     // `RawValue::get` borrows from `text`, so its address gives its offset.
     let start = raw_text.as_ptr() as usize - text.as_ptr() as usize;
     let stream = matches!(fields.stream.map(RawValue::get), Some("true"));
+    let max_output_tokens = fields.max_output.and_then(|v| v.get().parse::<u64>().ok());
     Ok(RequestSummary {
         model,
         model_span: start..start + raw_text.len(),
         stream,
+        max_output_tokens,
     })
 }
 
@@ -114,9 +145,14 @@ fn classify(e: serde_json::Error) -> BodyError {
 }
 
 /// The top-level fields we keep, as raw slices of the body.
+#[derive(Default)]
 struct Fields<'a> {
     model: Option<&'a RawValue>,
     stream: Option<&'a RawValue>,
+    /// The first output cap seen (a request names one of them).
+    max_output: Option<&'a RawValue>,
+    /// Which read fields were seen, in [`READ_FIELDS`] order.
+    seen: [bool; READ_FIELDS.len()],
 }
 
 /// Visits the top-level object. Keys are compared after unescaping, so
@@ -134,34 +170,78 @@ impl<'de> Visitor<'de> for TopLevel {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut fields = Fields {
-            model: None,
-            stream: None,
-        };
-        let mut duplicate = false;
+        let mut fields = Fields::default();
+        // The first semantic problem; the rest of the body is still read,
+        // so a syntax error anywhere wins (it is the clearer message).
+        let mut problem = None;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            match &*key {
-                "model" => {
-                    let value: &'de RawValue = map.next_value()?;
-                    duplicate |= fields.model.replace(value).is_some();
+            let Some(index) = READ_FIELDS.iter().position(|f| *f == key) else {
+                if let Some(field) = READ_FIELDS.iter().find(|f| folds_to(&key, f)) {
+                    problem.get_or_insert(if *field == "model" {
+                        BodyError::ModelSpelling(key.into_owned())
+                    } else {
+                        BodyError::FieldSpelling {
+                            key: key.into_owned(),
+                            field,
+                        }
+                    });
                 }
-                "stream" => {
-                    let value: &'de RawValue = map.next_value()?;
-                    fields.stream = Some(value);
-                }
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            let value: &'de RawValue = map.next_value()?;
+            if std::mem::replace(&mut fields.seen[index], true) {
+                problem.get_or_insert(match READ_FIELDS[index] {
+                    "model" => BodyError::DuplicateModel,
+                    field => BodyError::DuplicateField(field),
+                });
+            }
+            match READ_FIELDS[index] {
+                "model" => fields.model = Some(value),
+                "stream" => fields.stream = Some(value),
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    fields.max_output.get_or_insert(value);
                 }
             }
         }
-        if duplicate {
-            // Parsers disagree on duplicate keys (first wins, last wins);
-            // routing on one value while the provider reads another would
-            // bill one model and serve another, so refuse the request.
-            return Ok(Err(BodyError::DuplicateModel));
-        }
-        Ok(Ok(fields))
+        Ok(match problem {
+            Some(p) => Err(p),
+            None => Ok(fields),
+        })
     }
+}
+
+/// Whether `key` names `field` for a parser that matches keys without
+/// regard to case: ASCII case, plus the non-ASCII letters whose simple case
+/// mapping is an ASCII letter (`ſ` → S, `K` Kelvin → k, `ı` → I, `İ` → i),
+/// as Go's `encoding/json`, Java's `equalsIgnoreCase` and .NET's
+/// case-insensitive options fold them.
+fn folds_to(key: &str, field: &str) -> bool {
+    key.chars().count() == field.len()
+        && key
+            .chars()
+            .zip(field.bytes())
+            .all(|(c, f)| fold(c) == Some(f.to_ascii_uppercase()))
+}
+
+/// A character as an upper-case ASCII letter after case folding, if it
+/// folds to one.
+fn fold(c: char) -> Option<u8> {
+    if c.is_ascii() {
+        return Some((c as u8).to_ascii_uppercase());
+    }
+    let mut upper = c.to_uppercase();
+    if let (Some(u), None) = (upper.next(), upper.next()) {
+        if u.is_ascii() {
+            return Some(u as u8);
+        }
+    }
+    // `İ` lower-cases to `i` + a combining dot; per-character folds keep
+    // the `i`.
+    c.to_lowercase()
+        .next()
+        .filter(char::is_ascii)
+        .map(|l| (l as u8).to_ascii_uppercase())
 }
 
 /// Deserializes a key borrowed when possible, owned when it had escapes.
@@ -262,6 +342,83 @@ mod tests {
             summarize(br#"{"model":""}"#).unwrap_err(),
             BodyError::InvalidModel(_)
         ));
+    }
+
+    /// Table: bodies a case-insensitive or first-wins parser would read
+    /// differently from the gateway are refused, whatever the spelling.
+    #[test]
+    fn differently_spelled_or_repeated_read_fields_are_refused() {
+        let model_cases = [
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-5-expensive"}"#,
+            r#"{"model":"gpt-4o-mini","Model":"gpt-5-expensive"}"#,
+            r#"{"model":"gpt-4o-mini","mode\u004c":"gpt-5-expensive"}"#,
+            r#"{"MODEL":"gpt-5-expensive","model":"gpt-4o-mini"}"#,
+            r#"{"MODEL":"gpt-5-expensive"}"#,
+            r#"{"mOdEl":"x","messages":[]}"#,
+        ];
+        for body in model_cases {
+            let err = summarize(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, BodyError::ModelSpelling(_)),
+                "{body}: {err:?}"
+            );
+            assert!(err.is_model_error(), "{body}");
+        }
+        let field_cases = [
+            (r#"{"model":"m","STREAM":true}"#, "stream"),
+            (r#"{"model":"m","\u017ftream":true}"#, "stream"),
+            (r#"{"model":"m","max_to\u212Aens":99999}"#, "max_tokens"),
+            (
+                r#"{"model":"m","max_complet\u0131on_tokens":9}"#,
+                "max_completion_tokens",
+            ),
+            (
+                r#"{"model":"m","max_complet\u0130on_tokens":9}"#,
+                "max_completion_tokens",
+            ),
+        ];
+        for (body, field) in field_cases {
+            match summarize(body.as_bytes()).unwrap_err() {
+                BodyError::FieldSpelling { field: f, .. } => assert_eq!(f, field, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        for (body, field) in [
+            (r#"{"model":"m","stream":false,"stream":true}"#, "stream"),
+            (
+                r#"{"model":"m","max_tokens":1,"max_tokens":100000}"#,
+                "max_tokens",
+            ),
+        ] {
+            assert_eq!(
+                summarize(body.as_bytes()).unwrap_err(),
+                BodyError::DuplicateField(field),
+                "{body}"
+            );
+        }
+        // Look-alikes that fold to no read field pass, and nested keys are
+        // not the top level's business.
+        for body in [
+            r#"{"model":"m","models":["x"],"modell":1,"mode":2}"#,
+            r#"{"model":"m","metadata":{"MODEL":"x","model":"y"}}"#,
+            r#"{"model":"m","\u00b5odel":1}"#,
+        ] {
+            assert_eq!(summarize(body.as_bytes()).unwrap().model, "m", "{body}");
+        }
+    }
+
+    #[test]
+    fn reads_the_output_cap() {
+        let s = summarize(br#"{"model":"m","max_tokens":512}"#).unwrap();
+        assert_eq!(s.max_output_tokens, Some(512));
+        let s = summarize(br#"{"model":"m","max_completion_tokens":64}"#).unwrap();
+        assert_eq!(s.max_output_tokens, Some(64));
+        let s = summarize(br#"{"model":"m","max_output_tokens":-1}"#).unwrap();
+        assert_eq!(s.max_output_tokens, None);
+        assert_eq!(
+            summarize(br#"{"model":"m"}"#).unwrap().max_output_tokens,
+            None
+        );
     }
 
     #[test]

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use fake_upstream::{Canned, FakeUpstream, Recorded, MODEL_LIST};
 
+/// The shared secret of gateways started with `tcp_extproc`.
+pub const EXTPROC_SECRET: &str = "test-extproc-secret-0123456789abcdef0123456789";
+
 /// The Envoy version the project pins (scripts/setup.sh installs it).
 pub const ENVOY_VERSION: &str = "1.40.0";
 
@@ -253,8 +256,16 @@ impl GatewayBuilder {
         } else {
             format!("unix:{}", root.join("extproc.sock").display())
         };
+        // TCP needs a shared secret Envoy presents on every stream.
+        let secret_file = root.join("extproc-secret");
+        fs::write(&secret_file, format!("{EXTPROC_SECRET}\n")).unwrap();
+        let secret = if self.tcp_extproc {
+            format!(", secret_file: {:?}", secret_file.display().to_string())
+        } else {
+            String::new()
+        };
         yaml.push_str(&format!(
-            "extproc: {{listen: {extproc_listen:?}}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+            "extproc: {{listen: {extproc_listen:?}{secret}}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
              envoy: {{listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"}}\n\
              watch: {{poll_interval: 500ms}}\nbackends:\n"
         ));
