@@ -5,7 +5,9 @@
 //! Usage: cargo run --example fake_upstream -- [ADDR]   (default 127.0.0.1:8000)
 //! `FAKE_UPSTREAM_STREAM_INTERVAL_MS=N` pauses N ms between stream events.
 
-#[path = "../tests/support/fake_upstream.rs"]
+// The tests' fake; this binary uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/it/support/fake_upstream.rs"]
 mod fake_upstream;
 
 #[tokio::main(flavor = "current_thread")]

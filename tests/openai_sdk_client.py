@@ -1,5 +1,5 @@
 """Drives the gateway with the official OpenAI Python SDK, as Kilo Code,
-Cline and scripts do, and prints what it saw as JSON for tests/openai_sdk.rs.
+Cline and scripts do, and prints what it saw as JSON for tests/it/openai_sdk.rs.
 
 Usage: python tests/openai_sdk_client.py BASE_URL
 """

@@ -2,10 +2,8 @@
 //! calling a provider; provider errors reach the client unchanged and are
 //! logged once, clearly.
 
-mod support;
-
+use crate::support::{chat, free_port, Canned, FakeUpstream, Gateway};
 use serde_json::json;
-use support::{chat, free_port, Canned, FakeUpstream, Gateway};
 
 const LIMIT: usize = 4096;
 

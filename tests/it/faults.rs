@@ -4,13 +4,11 @@
 //! slow provider (a 504 as an OpenAI-style error, after the configured
 //! timeout).
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{chat, client, FakeUpstream, Gateway};
+use crate::support::{chat, client, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_processor_fails_closed_and_a_restart_recovers() {

@@ -3,14 +3,12 @@
 //! request may fail or get lost, and every request the provider sees carries
 //! the current or the previous key: never an empty one, never the client's.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{chat, client, rename_key, FakeUpstream, Gateway};
 use serde_json::json;
-use support::{chat, client, rename_key, FakeUpstream, Gateway};
 
 const CLIENTS: usize = 1000;
 const DURATION: Duration = Duration::from_secs(6);

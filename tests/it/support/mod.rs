@@ -3,20 +3,15 @@
 //! temporary directory with ephemeral ports, and stops both on drop, also
 //! when a test panics.
 
-#![allow(dead_code)]
-
 pub mod fake_upstream;
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-// Each test crate uses its own part of the harness.
-#[allow(unused_imports)]
-pub use fake_upstream::{Canned, FakeUpstream, Recorded, MODEL_LIST};
+pub use fake_upstream::{Canned, FakeUpstream, MODEL_LIST};
 
 /// The shared secret of gateways started with `tcp_extproc`.
 pub const EXTPROC_SECRET: &str = "test-extproc-secret-0123456789abcdef0123456789";
@@ -74,7 +69,6 @@ fn find_tool(env: &str, in_repo: &str, on_path: &str) -> Option<PathBuf> {
 /// A child process killed (and reaped) when dropped.
 pub struct ChildGuard {
     child: Child,
-    name: &'static str,
 }
 
 impl ChildGuard {
@@ -90,7 +84,7 @@ impl ChildGuard {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, name }
+        Self { child }
     }
 
     pub fn pid(&self) -> u32 {
@@ -727,15 +721,6 @@ pub fn write_in_place(path: &Path, key: &str) {
         .open(path)
         .unwrap();
     f.write_all(key.as_bytes()).unwrap();
-}
-
-/// Reads a whole file as a string, empty if missing.
-pub fn read(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
 }
 
 /// A chat completion request body.

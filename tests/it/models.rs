@@ -1,9 +1,7 @@
 //! `GET /v1/models`: the provider's own list (extra fields untouched) when a
 //! `*` rule sends every model to one backend, else the gateway's list.
 
-mod support;
-
-use support::{FakeUpstream, Gateway, MODEL_LIST};
+use crate::support::{FakeUpstream, Gateway, MODEL_LIST};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn catch_all_backend_answers_with_its_own_list() {

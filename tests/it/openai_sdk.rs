@@ -2,11 +2,9 @@
 //! chat with usage, `models.list()` with the provider's extra fields, and a
 //! gateway error the SDK maps to its own exception.
 
-mod support;
-
 use std::process::Command;
 
-use support::{python_bin, repo_root, FakeUpstream, Gateway};
+use crate::support::{python_bin, repo_root, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_works_through_the_gateway() {

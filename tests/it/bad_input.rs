@@ -1,10 +1,8 @@
 //! Hostile and odd request bodies through the real Envoy: each gets a clear
 //! OpenAI-style error or correct routing, and the processor stays up.
 
-mod support;
-
+use crate::support::{chat, FakeUpstream, Gateway};
 use serde_json::json;
-use support::{chat, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn odd_bodies_are_refused_clearly_or_routed_correctly() {

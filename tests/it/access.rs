@@ -2,11 +2,9 @@
 //! a provider (401); a key limited to some models gets 403 for others; the
 //! provider only ever sees the gateway's own key; the keys file reloads live.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{chat, extproc_bin, rename_key, FakeUpstream, Gateway};
+use crate::support::{chat, extproc_bin, rename_key, FakeUpstream, Gateway};
 
 fn keys_file(extra: &str) -> String {
     format!(

@@ -2,14 +2,14 @@
 //! is seen by a request made one second after the change, with requests
 //! running throughout and none failing.
 
-mod support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{chat, kubelet_swap, rename_key, write_in_place, FakeUpstream, Gateway, KeyLayout};
+use crate::support::{
+    chat, kubelet_swap, rename_key, write_in_place, FakeUpstream, Gateway, KeyLayout,
+};
 
 /// The contract: a new key applies within one second of the file change.
 const APPLY_WITHIN: Duration = Duration::from_secs(1);
@@ -20,7 +20,7 @@ fn background_traffic(gw: &Gateway) -> (Arc<AtomicBool>, tokio::task::JoinHandle
     let url = format!("{}/v1/chat/completions", gw.url);
     let flag = Arc::clone(&stop);
     let task = tokio::spawn(async move {
-        let client = support::client();
+        let client = crate::support::client();
         let mut statuses = Vec::new();
         while !flag.load(Ordering::Relaxed) {
             let r = client

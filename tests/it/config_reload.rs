@@ -1,11 +1,9 @@
 //! Configuration hot reload: a valid new file applies to new requests, an
 //! invalid one is refused with a clear log line and the old one stays.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{chat, rename_key, FakeUpstream, Gateway};
+use crate::support::{chat, rename_key, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn valid_config_applies_and_invalid_config_is_refused() {

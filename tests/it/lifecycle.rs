@@ -1,11 +1,9 @@
 //! Process lifecycle: a SIGTERM'd processor (as Kubernetes stops a pod)
 //! exits 0 promptly, even with Envoy holding its connection open.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{chat, FakeUpstream, Gateway};
+use crate::support::{chat, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_cleanly() {

@@ -4,14 +4,13 @@
 //! server redirects to the command's callback, and the command exchanges the
 //! code for a key.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{chat, client, extproc_bin, ChildGuard, FakeUpstream, Gateway};
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +20,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use support::{chat, client, extproc_bin, ChildGuard, FakeUpstream, Gateway};
 
 const NEW_KEY: &str = "sk-from-login-0123456789";
 

@@ -5,8 +5,6 @@
 //! Used by the integration tests and, through `examples/fake_upstream.rs`,
 //! by `scripts/run.sh` as the default offline upstream.
 
-#![allow(dead_code)]
-
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -140,6 +138,7 @@ impl FakeUpstream {
 
     /// Pauses this long between the events of following streams, as a
     /// model generating tokens does.
+    #[allow(dead_code)] // examples/fake_upstream.rs uses it
     pub fn set_stream_interval(&self, interval: std::time::Duration) {
         let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         self.inner.stream_interval_ms.store(ms, Ordering::Relaxed);

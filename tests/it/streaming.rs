@@ -2,13 +2,11 @@
 //! provider sends them, compressed streams included, and the client gets
 //! exactly the stream it asked for.
 
-mod support;
-
 use std::io::Read;
 use std::time::Duration;
 
+use crate::support::{chat, client, FakeUpstream, Gateway};
 use serde_json::{json, Value};
-use support::{chat, client, FakeUpstream, Gateway};
 use tokio_stream::StreamExt;
 
 fn stream_request(model: &str, include_usage: bool) -> Value {
@@ -148,7 +146,7 @@ async fn content_length_responses_are_streamed_whole() {
     let gw = Gateway::catch_all(&up, Some("k")).await;
     // Large enough for several body chunks through the processor.
     let long = "y".repeat(300_000);
-    up.set_canned(Some(support::Canned {
+    up.set_canned(Some(crate::support::Canned {
         status: 200,
         headers: vec![("content-type".into(), "application/json".into())],
         body: json!({"model": "m", "choices": [{"message": {"content": long}}],

@@ -1,10 +1,8 @@
 //! Routing and key injection through the real Envoy: the gateway's key goes
 //! upstream, never the client's; models reach their own backends.
 
-mod support;
-
+use crate::support::{chat, FakeUpstream, Gateway};
 use serde_json::json;
-use support::{chat, FakeUpstream, Gateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_key_replaces_client_credentials() {

@@ -5,16 +5,14 @@
 //! command lines run for real against their mounted layouts (a kubelet-style
 //! Secret and ConfigMap, compose's plain directories).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::{
+use crate::support::{
     client, envoy_bin, extproc_bin, kubelet_swap, rename_key, repo_root, ChildGuard, ENVOY_VERSION,
 };
+use serde_json::Value;
 
 /// Each gateway config shipped with the Envoy bootstrap rendered from it.
 const BOOTSTRAPS: &[(&str, &str)] = &[
@@ -98,7 +96,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
             assert!(path.is_file(), "{} is missing", path.display());
         }
     }
-    let validator = support::python_bin().with_file_name("kubernetes-validate");
+    let validator = crate::support::python_bin().with_file_name("kubernetes-validate");
     assert!(
         validator.exists(),
         "kubernetes-validate not found at {}: run scripts/setup.sh",

@@ -3,12 +3,10 @@
 //! gRPC health service; a drain on SIGTERM that lets streams finish; and no
 //! key in any log line at trace level.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::{chat, client, rename_key, Canned, FakeUpstream, Gateway};
 use serde_json::{json, Value};
-use support::{chat, client, rename_key, Canned, FakeUpstream, Gateway};
 use tokio_stream::StreamExt;
 
 fn streamed(model: &str) -> Value {

@@ -2,11 +2,9 @@
 //! start with the field and place named. (The shipped bootstraps are checked
 //! against `envoy-config` in `deploy.rs`.)
 
-mod support;
-
 use std::process::Command;
 
-use support::{extproc_bin, repo_root};
+use crate::support::{extproc_bin, repo_root};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(extproc_bin())
