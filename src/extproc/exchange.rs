@@ -50,8 +50,6 @@ pub struct Exchange {
     started: Instant,
     head: RequestHead,
     endpoint: Option<Endpoint>,
-    /// Body chunks, kept only if Envoy sends the body in several messages.
-    body: Vec<u8>,
     /// Set once the request is forwarded: whom it went to.
     forwarded: Option<Forwarded>,
     response: Option<ResponseSeen>,
@@ -111,7 +109,6 @@ impl Exchange {
             started: Instant::now(),
             head: RequestHead::default(),
             endpoint: None,
-            body: Vec::new(),
             forwarded: None,
             response: None,
             answered: None,
@@ -206,21 +203,13 @@ impl Exchange {
             // carries is passed along unread and changes nothing.
             return reply::request_body(Changes::default());
         }
+        // BUFFERED: this one message is the whole body (its `end_of_stream`
+        // is false when HTTP/2 trailers follow; see `order`).
         let limit = self.snapshot.max_request_body_bytes;
-        if self.body.len() + chunk.body.len() > limit {
+        if chunk.body.len() > limit {
             return self.reject(ApiError::body_too_large(limit));
         }
-        if !chunk.end_of_stream {
-            self.body.extend_from_slice(&chunk.body);
-            return reply::request_body(Changes::default());
-        }
-        let body = if self.body.is_empty() {
-            chunk.body
-        } else {
-            let mut all = std::mem::take(&mut self.body);
-            all.extend_from_slice(&chunk.body);
-            all
-        };
+        let body = chunk.body;
 
         let summary = match summarize(&body) {
             Ok(s) => s,

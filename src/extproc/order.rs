@@ -73,9 +73,9 @@ impl StreamOrder {
             (Stage::Start, RequestHeaders) => Stage::Request {
                 body: !end_of_stream,
             },
-            (Stage::Request { body: true }, RequestBody) => Stage::Request {
-                body: !end_of_stream,
-            },
+            // The body is BUFFERED: it comes whole, in one message, whose
+            // `end_of_stream` is false when trailers follow (HTTP/2).
+            (Stage::Request { body: true }, RequestBody) => Stage::Request { body: false },
             // The response may start before the request body ended (Envoy
             // answered it locally, e.g. a 413).
             (Stage::Request { .. }, ResponseHeaders) => Stage::Response {
@@ -133,13 +133,13 @@ mod tests {
             ],
             // GET, answer without body.
             &[(RequestHeaders, true), (ResponseHeaders, true)],
-            // Body in two chunks; Envoy's own 413 before the body ended.
+            // Trailers after the body (they are not sent to the processor).
             &[
                 (RequestHeaders, false),
                 (RequestBody, false),
-                (RequestBody, true),
                 (ResponseHeaders, true),
             ],
+            // Envoy's own 413 before the body ended.
             &[
                 (RequestHeaders, false),
                 (ResponseHeaders, false),
@@ -170,12 +170,20 @@ mod tests {
                 ],
                 None,
             ),
-            // A body the headers said would not come, or after the last chunk.
+            // A body the headers said would not come, or a second one.
             (&[(RequestHeaders, true), (RequestBody, true)], None),
             (
                 &[
                     (RequestHeaders, false),
                     (RequestBody, true),
+                    (RequestBody, true),
+                ],
+                None,
+            ),
+            (
+                &[
+                    (RequestHeaders, false),
+                    (RequestBody, false),
                     (RequestBody, true),
                 ],
                 None,

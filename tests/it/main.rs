@@ -20,4 +20,5 @@ mod models;
 mod observability;
 mod openai_sdk;
 mod routing;
+mod security;
 mod streaming;

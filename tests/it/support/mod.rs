@@ -3,6 +3,7 @@
 //! temporary directory with ephemeral ports, and stops both on drop, also
 //! when a test panics.
 
+pub mod extproc_client;
 pub mod fake_upstream;
 
 use std::fs;
@@ -163,7 +164,10 @@ pub struct GatewayBuilder {
     models: Vec<String>,
     extra: String,
     layout: KeyLayout,
-    tcp_extproc: bool,
+    /// On TCP: the `extproc` fields that let Envoy in (a secret by default).
+    tcp_auth: Option<String>,
+    /// Further `extproc` fields, e.g. `socket_mode: "0660"`.
+    extproc_options: Vec<String>,
     args: Vec<String>,
 }
 
@@ -174,7 +178,8 @@ impl Default for GatewayBuilder {
             models: Vec::new(),
             extra: String::new(),
             layout: KeyLayout::File,
-            tcp_extproc: false,
+            tcp_auth: None,
+            extproc_options: Vec::new(),
             args: vec!["--log-level".into(), "trace".into()],
         }
     }
@@ -233,7 +238,20 @@ impl GatewayBuilder {
 
     /// Serve ext_proc on TCP instead of the default Unix socket.
     pub fn tcp_extproc(mut self) -> Self {
-        self.tcp_extproc = true;
+        self.tcp_auth = Some(String::new());
+        self
+    }
+
+    /// Serve ext_proc on TCP, letting Envoy in by `auth` (e.g. a `tls:`
+    /// mapping) instead of the shared secret.
+    pub fn tcp_extproc_with(mut self, auth: &str) -> Self {
+        self.tcp_auth = Some(auth.to_string());
+        self
+    }
+
+    /// A further field of the `extproc` section, e.g. `socket_mode: "0660"`.
+    pub fn extproc_option(mut self, option: &str) -> Self {
+        self.extproc_options.push(option.to_string());
         self
     }
 
@@ -245,21 +263,26 @@ impl GatewayBuilder {
         let root = dir.path().to_path_buf();
         let mut key_files = Vec::new();
         let mut yaml = String::new();
-        let extproc_listen = if self.tcp_extproc {
+        let extproc_listen = if self.tcp_auth.is_some() {
             format!("127.0.0.1:{}", free_port())
         } else {
             format!("unix:{}", root.join("extproc.sock").display())
         };
-        // TCP needs a shared secret Envoy presents on every stream.
+        // TCP needs a shared secret Envoy presents on every stream (or TLS).
         let secret_file = root.join("extproc-secret");
         fs::write(&secret_file, format!("{EXTPROC_SECRET}\n")).unwrap();
-        let secret = if self.tcp_extproc {
-            format!(", secret_file: {:?}", secret_file.display().to_string())
-        } else {
-            String::new()
+        let mut options = match self.tcp_auth.as_deref() {
+            Some("") => vec![format!(
+                "secret_file: {:?}",
+                secret_file.display().to_string()
+            )],
+            Some(auth) => vec![auth.to_string()],
+            None => Vec::new(),
         };
+        options.extend(self.extproc_options.iter().cloned());
+        let options: String = options.iter().map(|o| format!(", {o}")).collect();
         yaml.push_str(&format!(
-            "extproc: {{listen: {extproc_listen:?}{secret}}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+            "extproc: {{listen: {extproc_listen:?}{options}}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
              envoy: {{listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"}}\n\
              watch: {{poll_interval: 500ms}}\nbackends:\n"
         ));
@@ -365,6 +388,11 @@ impl Gateway {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The processor's Unix socket (unless it serves TCP).
+    pub fn extproc_socket(&self) -> PathBuf {
+        self.dir().join("extproc.sock")
     }
 
     pub fn key_file(&self, backend: &str) -> PathBuf {
@@ -726,4 +754,46 @@ pub fn write_in_place(path: &Path, key: &str) {
 /// A chat completion request body.
 pub fn chat(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hi."}]})
+}
+
+/// POSTs `body` over HTTP/2 (prior knowledge, as gRPC-style clients do) and
+/// ends the request with trailers instead of with the body.
+pub async fn post_h2_with_trailers(base_url: &str, path: &str, body: Vec<u8>) -> Reply {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let authority = base_url.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect to Envoy");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(Bytes::from(body))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let request = hyper::Request::post(format!("http://{authority}{path}"))
+        .header("content-type", "application/json")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("HTTP/2 request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
