@@ -180,6 +180,18 @@ struct Failure {
     logged: Instant,
 }
 
+impl Failure {
+    /// Whether the failure is due to be logged again at `now` (it was last
+    /// logged `interval` ago or more); if so, `now` counts as logged.
+    fn due(&mut self, now: Instant, interval: Duration) -> bool {
+        let due = now.duration_since(self.logged) >= interval;
+        if due {
+            self.logged = now;
+        }
+        due
+    }
+}
+
 /// The task that keeps [`ProviderKeys`] in step with the key files.
 pub struct ProviderKeyWatcher {
     keys: Arc<ProviderKeys>,
@@ -325,8 +337,7 @@ impl ProviderKeyWatcher {
                 let now = Instant::now();
                 match &mut state.failure {
                     Some(f) if f.error == *error && f.file == source.file => {
-                        if now.duration_since(f.logged) >= STALE_LOG_INTERVAL {
-                            f.logged = now;
+                        if f.due(now, STALE_LOG_INTERVAL) {
                             tracing::error!(
                                 backend, file = %file, %error,
                                 failing_for_s = now.duration_since(f.since).as_secs(),
@@ -422,6 +433,22 @@ mod tests {
         let (w, _) =
             ProviderKeyWatcher::new(keys.clone(), sources, Duration::from_secs(1), metrics);
         (w, keys)
+    }
+
+    #[test]
+    fn a_lasting_failure_is_logged_again_each_interval() {
+        let start = Instant::now();
+        let mut f = Failure {
+            file: PathBuf::from("k"),
+            error: KeyFileError::Empty,
+            since: start,
+            logged: start,
+        };
+        let minute = Duration::from_secs(60);
+        assert!(!f.due(start + Duration::from_secs(59), minute));
+        assert!(f.due(start + minute, minute));
+        assert!(!f.due(start + minute + Duration::from_secs(1), minute));
+        assert!(f.due(start + 2 * minute, minute));
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 pub struct Recorded {
     pub method: String,
     pub path: String,
+    /// The query string, without its `?`.
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -169,6 +171,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let recorded = Recorded {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
         headers: parts.headers,
         body,
     };

@@ -3,6 +3,7 @@
 //! temporary directory with ephemeral ports, and stops both on drop, also
 //! when a test panics.
 
+pub mod certs;
 pub mod extproc_client;
 pub mod fake_upstream;
 
