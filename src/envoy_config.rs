@@ -144,7 +144,7 @@ fn ext_proc_filter(config: &Config) -> Result<Value, RenderError> {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": extproc_grpc_service(config)?,
             "failure_mode_allow": false,
-            "message_timeout": duration(config.extproc.message_timeout),
+            "message_timeout": duration(config.message_timeout()),
             // Two messages carry the request (headers, then the whole body:
             // the model is in it); the response body is read chunk by chunk
             // as it passes, for the token counts.

@@ -122,10 +122,17 @@ impl ExtProcListener {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         };
+        let window = u32::try_from(limit).unwrap_or(u32::MAX);
         let mut builder = Server::builder()
             // Envoy keeps its connection for good; pings find a dead peer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // One request body is one message: let Envoy send it whole
+            // without waiting for window updates (the HTTP/2 default of
+            // 64 KiB costs a round trip per 64 KiB, and with many large
+            // bodies at once, Envoy's per-message timeout).
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window.saturating_mul(4));
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }

@@ -70,6 +70,8 @@ struct Inner {
     stream_interval_ms: std::sync::atomic::AtomicU64,
     /// Pause before answering at all, in milliseconds (0: none).
     delay_ms: std::sync::atomic::AtomicU64,
+    /// Record requests without their bodies (large-body tests).
+    discard_bodies: AtomicBool,
 }
 
 /// A running fake provider.
@@ -97,6 +99,7 @@ impl FakeUpstream {
             gzip: AtomicBool::new(false),
             stream_interval_ms: std::sync::atomic::AtomicU64::new(0),
             delay_ms: std::sync::atomic::AtomicU64::new(0),
+            discard_bodies: AtomicBool::new(false),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -152,6 +155,12 @@ impl FakeUpstream {
         self.inner.delay_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Records following requests without their bodies (the answer still
+    /// reads the model), so large-body tests do not hold every body.
+    pub fn discard_bodies(&self) {
+        self.inner.discard_bodies.store(true, Ordering::Relaxed);
+    }
+
     /// Compresses following responses with gzip (`content-encoding: gzip`).
     pub fn set_gzip(&self, on: bool) {
         self.inner.gzip.store(on, Ordering::Relaxed);
@@ -175,7 +184,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         headers: parts.headers,
         body,
     };
-    inner.recorded.lock().unwrap().push(recorded.clone());
+    let mut kept = recorded.clone();
+    if inner.discard_bodies.load(Ordering::Relaxed) {
+        kept.body = Bytes::new();
+    }
+    inner.recorded.lock().unwrap().push(kept);
     let delay = inner.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -25,8 +25,13 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The processor under test: the one cargo built for these tests, or
+/// `AI_GATEWAY_EXTPROC_BIN` (e.g. a release build, to measure).
 pub fn extproc_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ai-gateway-extproc"))
+    std::env::var_os("AI_GATEWAY_EXTPROC_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ai-gateway-extproc")))
 }
 
 /// The Envoy binary: `ENVOY_BIN`, else the project's `.venv`, else `PATH`.
