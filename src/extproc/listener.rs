@@ -214,19 +214,20 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// In a directory every user may write to, another user could remove the
-/// socket (without the sticky bit) or race a socket of their own into its
-/// place before the processor starts; say so.
+/// A directory like `/tmp` (every user may write, sticky bit) is shared by
+/// every user of the host: another user could put a socket of their own at
+/// the path before the processor starts, and Envoy would talk to it. (A
+/// pod's `emptyDir` is world-writable too, but only the pod's containers
+/// can reach it: no warning there.)
 fn warn_if_shared(dir: &Path) {
     let Ok(meta) = std::fs::metadata(dir) else {
         return;
     };
     let mode = meta.permissions().mode();
-    if mode & 0o002 != 0 {
+    if mode & 0o1002 == 0o1002 {
         tracing::warn!(
             dir = %dir.display(),
-            mode = format!("{mode:o}"),
-            "the ext_proc socket's directory is writable by every user; put the socket in a directory only the processor and Envoy can write"
+            "the ext_proc socket is in a directory every user of this host can write to; another user could take its path while the processor is down: use a directory only the processor and Envoy can write"
         );
     }
 }
