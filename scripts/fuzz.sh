@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time each (default 60 s):
 #   scripts/fuzz.sh [SECONDS]
-# Targets: request_body (the request-body reader and model rewrite), sse (the
+# Targets: request_body (the request-body reader and model rewrite), decision
+# (the whole decision against a fixed config and keys), sse (the
 # SSE parser), config (the config parser and Envoy renderer), response (the
 # response reader: gzip/deflate, SSE, JSON usage). cargo-fuzz needs nightly
 # compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
-for target in request_body sse config response; do
+for target in request_body decision sse config response; do
   echo "[fuzz] $target for ${seconds}s"
   mkdir -p "fuzz/corpus/$target"
   cargo fuzz run "$target" "fuzz/corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 \

@@ -26,7 +26,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr};
-use crate::extproc::headers::{CLIENT_HEADERS_NOT_FORWARDED, CREDENTIAL_HEADERS, READ_HEADERS};
+use crate::decision::head::CREDENTIAL_HEADERS;
+use crate::extproc::headers::{CLIENT_HEADERS_NOT_FORWARDED, READ_HEADERS};
 use crate::extproc::report::METADATA_NAMESPACE;
 use crate::extproc::stream_auth::{read_secret, SecretError, SECRET_HEADER};
 use crate::extproc::{BACKEND_HEADER, INTERNAL_HEADER_PREFIX, MODEL_HEADER};

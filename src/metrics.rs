@@ -17,12 +17,17 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+
+use crate::openai::usage::{TokenUsage, UsageGap};
+use crate::openai::Endpoint;
+use crate::outcome::Outcome;
 
 /// Distinct model names kept as label values.
 pub const MODEL_LABEL_BUDGET: usize = 100;
@@ -37,27 +42,27 @@ const GENAI_LABELS: &[&str] = &[
     "outcome",
 ];
 
-/// All metrics, registered in one registry.
+/// All metrics, registered in one registry. The vectors are private: the
+/// data path records through typed methods, so a label set is checked by
+/// the compiler, not at run time.
 pub struct Metrics {
     registry: Registry,
-    /// Requests by endpoint, outcome (`routed`, `answered`, `rejected`) and
-    /// error code (empty unless rejected).
-    pub requests: IntCounterVec,
+    /// Requests by endpoint, outcome and error code (empty unless the
+    /// gateway refused the request).
+    requests: IntCounterVec,
     /// Upstream answers of 400 and above, by backend and status.
-    pub upstream_errors: IntCounterVec,
+    upstream_errors: IntCounterVec,
     /// Tokens per request, by `gen_ai_token_type` (input, output,
     /// cached_input, reasoning) and the GenAI labels.
-    pub token_usage: HistogramVec,
-    pub request_duration: HistogramVec,
-    pub time_to_first_token: HistogramVec,
-    pub time_per_output_token: HistogramVec,
+    token_usage: HistogramVec,
+    request_duration: HistogramVec,
+    time_to_first_token: HistogramVec,
+    time_per_output_token: HistogramVec,
     /// Responses whose usage could not be read, by backend and reason.
-    pub usage_unavailable: IntCounterVec,
-    /// Time the processor spends on one message, by phase: the latency the
-    /// gateway adds on top of the round trip.
-    pub phase_duration: HistogramVec,
-    /// `phase_duration`'s series, resolved once: observed on every message.
-    pub phases: PhaseTimers,
+    usage_unavailable: IntCounterVec,
+    /// `ai_gateway_extproc_phase_duration_seconds`'s series, resolved once:
+    /// observed on every message.
+    phases: PhaseTimers,
     /// Key changes (success) and new key-file failures, by backend.
     key_reloads: IntCounterVec,
     /// Increments each time a backend's key changes.
@@ -73,7 +78,20 @@ pub struct Metrics {
     /// Configuration reloads by result.
     config_reloads: IntCounterVec,
     /// Keeps model label values bounded.
-    pub models: ModelLabels,
+    models: ModelLabels,
+}
+
+/// One finished exchange with a provider, for the GenAI metrics.
+pub struct GenAiExchange<'a> {
+    pub request_model: &'a str,
+    pub response_model: Option<&'a str>,
+    pub backend: &'a str,
+    pub endpoint: Endpoint,
+    pub outcome: Outcome,
+    pub stream: bool,
+    pub duration: Duration,
+    pub time_to_first_byte: Option<Duration>,
+    pub usage: TokenUsage,
 }
 
 fn counter(
@@ -167,13 +185,13 @@ impl Metrics {
                 "Successful responses whose token usage could not be read, by backend and reason.",
                 &["backend", "reason"],
             )?,
-            phase_duration: histogram(
+            phases: PhaseTimers::new(&histogram(
                 &r,
                 "ai_gateway_extproc_phase_duration_seconds",
                 "Processor time per ext_proc message, by phase.",
                 &["phase"],
                 &[5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2],
-            )?,
+            )?),
             key_reloads: counter(
                 &r,
                 "ai_gateway_key_reloads_total",
@@ -232,12 +250,7 @@ impl Metrics {
                 &["result"],
             )?,
             models: ModelLabels::new(MODEL_LABEL_BUDGET),
-            phases: PhaseTimers::default(),
             registry: r,
-        };
-        let metrics = Self {
-            phases: PhaseTimers::new(&metrics.phase_duration),
-            ..metrics
         };
         // Present from the start, so a dashboard or alert sees 0, not nothing.
         for result in ["success", "failure"] {
@@ -248,6 +261,79 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(metrics)
+    }
+
+    /// One request, counted once when it ends.
+    pub fn record_request(
+        &self,
+        endpoint: Option<Endpoint>,
+        outcome: Outcome,
+        error: Option<&str>,
+    ) {
+        let endpoint = endpoint.map_or("unknown", Endpoint::label);
+        self.requests
+            .with_label_values(&[endpoint, outcome.label(), error.unwrap_or("")])
+            .inc();
+    }
+
+    /// A provider answered 400 or above.
+    pub fn record_upstream_error(&self, backend: &str, status: u16) {
+        let status = status.to_string();
+        self.upstream_errors
+            .with_label_values(&[backend, status.as_str()])
+            .inc();
+    }
+
+    /// A successful response whose usage could not be read.
+    pub fn record_usage_unavailable(&self, backend: &str, gap: UsageGap) {
+        self.usage_unavailable
+            .with_label_values(&[backend, gap.label()])
+            .inc();
+    }
+
+    /// The processor's time on one ext_proc message.
+    pub fn observe_phase(&self, phase: Phase, elapsed: Duration) {
+        self.phases.observe(phase, elapsed.as_secs_f64());
+    }
+
+    /// The GenAI metrics of one exchange with a provider.
+    pub fn record_exchange(&self, e: &GenAiExchange<'_>) {
+        let request_model = self.models.label(e.request_model);
+        let response_model = self.models.label(e.response_model.unwrap_or(request_model));
+        let labels = [
+            request_model,
+            response_model,
+            e.backend,
+            e.endpoint.operation(),
+            e.outcome.label(),
+        ];
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(e.duration.as_secs_f64());
+        if let (true, Some(ttfb)) = (e.stream, e.time_to_first_byte) {
+            self.time_to_first_token
+                .with_label_values(&labels)
+                .observe(ttfb.as_secs_f64());
+            if let Some(output) = e.usage.output.filter(|o| *o > 1) {
+                let generating = e.duration.saturating_sub(ttfb).as_secs_f64();
+                self.time_per_output_token
+                    .with_label_values(&labels)
+                    .observe(generating / (output - 1) as f64);
+            }
+        }
+        let [a, b, c, d, f] = labels;
+        for (kind, count) in [
+            ("input", e.usage.input),
+            ("output", e.usage.output),
+            ("cached_input", e.usage.cached_input),
+            ("reasoning", e.usage.reasoning),
+        ] {
+            if let Some(n) = count {
+                self.token_usage
+                    .with_label_values(&[kind, a, b, c, d, f])
+                    .observe(n as f64);
+            }
+        }
     }
 
     /// A config file version was put in force, or refused.
@@ -318,8 +404,7 @@ pub enum Phase {
 }
 
 /// The series of `ai_gateway_extproc_phase_duration_seconds`, one per phase.
-#[derive(Default)]
-pub struct PhaseTimers {
+struct PhaseTimers {
     timers: Vec<prometheus::Histogram>,
 }
 
@@ -341,7 +426,7 @@ impl PhaseTimers {
         }
     }
 
-    pub fn observe(&self, phase: Phase, seconds: f64) {
+    fn observe(&self, phase: Phase, seconds: f64) {
         if let Some(t) = self.timers.get(phase as usize) {
             t.observe(seconds);
         }
@@ -351,13 +436,13 @@ impl PhaseTimers {
 /// A bounded set of model names allowed as label values. Reads are one
 /// atomic load; the set is copied on insert, which happens at most
 /// `budget` times in the life of the process.
-pub struct ModelLabels {
+struct ModelLabels {
     seen: ArcSwap<HashSet<Arc<str>>>,
     budget: usize,
 }
 
 impl ModelLabels {
-    pub fn new(budget: usize) -> Self {
+    fn new(budget: usize) -> Self {
         Self {
             seen: ArcSwap::from_pointee(HashSet::new()),
             budget,
@@ -365,7 +450,7 @@ impl ModelLabels {
     }
 
     /// `model` itself while within budget, else [`OTHER_MODEL`].
-    pub fn label<'a>(&self, model: &'a str) -> &'a str {
+    fn label<'a>(&self, model: &'a str) -> &'a str {
         if self.seen.load().contains(model) {
             return model;
         }
@@ -414,10 +499,18 @@ mod tests {
     fn random_models_cannot_grow_the_registry() {
         let m = Metrics::new().unwrap();
         for i in 0..10_000 {
-            let model = m.models.label(&format!("random-{i}")).to_string();
-            m.request_duration
-                .with_label_values(&[model.as_str(), model.as_str(), "tars", "chat", "success"])
-                .observe(0.1);
+            let model = format!("random-{i}");
+            m.record_exchange(&GenAiExchange {
+                request_model: &model,
+                response_model: Some(&model),
+                backend: "tars",
+                endpoint: Endpoint::ChatCompletions,
+                outcome: Outcome::Success,
+                stream: false,
+                duration: Duration::from_millis(100),
+                time_to_first_byte: None,
+                usage: TokenUsage::default(),
+            });
         }
         let text = String::from_utf8(m.render()).unwrap();
         let series = text

@@ -126,6 +126,19 @@ impl ProviderKeys {
         self.current.load().contains_key(backend)
     }
 
+    /// A fixed set of keys, by backend (tests, fuzzing).
+    pub fn from_keys<'a>(keys: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let store = Self::default();
+        store.publish(
+            keys.into_iter()
+                .filter_map(|(backend, key)| {
+                    Some((backend.into(), parse_key(key.as_bytes()).ok()?))
+                })
+                .collect(),
+        );
+        store
+    }
+
     fn publish(&self, keys: HashMap<Box<str>, ApiKey>) {
         self.current.store(Arc::new(keys));
     }

@@ -44,10 +44,9 @@ pub struct RouteTable {
     globs: Vec<(Box<str>, Route)>,
     /// Exact names, in file order, for `GET /v1/models`.
     listed: Vec<Box<str>>,
-    /// The backend of the `*` rule: it serves every model not named
-    /// otherwise, so its own model list is the useful answer to
-    /// `GET /v1/models`.
-    catch_all: Option<Arc<Backend>>,
+    /// The `*` rule: it serves every model not named otherwise, so its
+    /// backend's own model list is the useful answer to `GET /v1/models`.
+    catch_all: Option<Route>,
 }
 
 impl RouteTable {
@@ -82,7 +81,7 @@ impl RouteTable {
             };
             if rule.name.contains('*') {
                 if rule.name == "*" && catch_all.is_none() {
-                    catch_all = Some(Arc::clone(backend));
+                    catch_all = Some(route.clone());
                 }
                 globs.push((rule.name.as_str().into(), route));
             } else if !exact.contains_key(rule.name.as_str()) {
@@ -109,8 +108,9 @@ impl RouteTable {
         })
     }
 
-    /// The backend whose own model list answers `GET /v1/models`, if any.
-    pub fn catch_all_backend(&self) -> Option<&Arc<Backend>> {
+    /// The `*` rule, whose backend's own model list answers
+    /// `GET /v1/models`, if there is one.
+    pub fn catch_all(&self) -> Option<&Route> {
         self.catch_all.as_ref()
     }
 
@@ -193,7 +193,7 @@ models:
             "local"
         );
         assert_eq!(&*t.resolve("xai/grok-4.5").unwrap().backend.name, "tars");
-        assert_eq!(t.catch_all_backend().map(|b| &*b.name), Some("tars"));
+        assert_eq!(t.catch_all().map(|r| &*r.backend.name), Some("tars"));
     }
 
     #[test]
@@ -203,7 +203,7 @@ models:
         );
         assert!(t.resolve("claude").is_none());
         assert!(t.resolve("gpt-").is_some());
-        assert!(t.catch_all_backend().is_none());
+        assert!(t.catch_all().is_none());
         assert_eq!(t.listed_models().count(), 0);
     }
 

@@ -1,7 +1,7 @@
 //! One HTTP exchange as the processor sees it: request headers, request
-//! body, response headers, response body. Holds the per-request state
-//! between those phases and decides, at each, whether to forward (and how)
-//! or to answer itself.
+//! body, response headers, response body. The exchange keeps the state
+//! between those phases and orchestrates: the `decision` says what to do,
+//! `reply` says it in Envoy's terms, `report` records the end.
 //!
 //! Envoy's processing mode for the filter (rendered by `envoy_config`):
 //! request headers SEND, request body BUFFERED, response headers SEND,
@@ -10,12 +10,6 @@
 //! GET as its headers only; a response as its headers, then its body chunk
 //! by chunk as it passes (a successful inference body is read for usage;
 //! no body is ever held back or changed).
-//!
-//! Security rules enforced here, on every request that is forwarded:
-//! - the client's credentials and gateway-internal headers are removed;
-//! - the routing header and `Authorization` are set by the gateway, with
-//!   `clear_route_cache`, so Envoy routes on what the gateway decided;
-//! - a request that cannot be routed gets an immediate error, never a pass.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,46 +19,51 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use tonic::Status;
 
-use super::headers::{header, response_status, RequestHead};
+use super::headers::{header, request_head, response_status};
 use super::order::{Message, StreamOrder};
-use super::reply::{self, set_header, Changes};
-use super::report::{self, Completion, Outcome};
-use super::{BACKEND_HEADER, MODEL_HEADER};
-use crate::client_keys::ClientKey;
+use super::reply::{self, Changes};
+use super::report::{self, Completion};
+use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead};
 use crate::metrics::Phase;
-use crate::openai::error::ApiError;
-use crate::openai::request::{rewrite_model, summarize};
-use crate::openai::response::{ResponseReader, Unreadable};
-use crate::openai::usage::Observed;
-use crate::openai::{models, Endpoint};
-use crate::provider_keys::ApiKey;
+use crate::openai::response::ResponseReader;
+use crate::openai::usage::{Observed, UsageGap};
+use crate::openai::Endpoint;
+use crate::outcome::Outcome;
 use crate::routes::Backend;
 use crate::state::{GatewayState, Snapshot};
 
 /// The per-request state machine.
 pub struct Exchange {
     state: Arc<GatewayState>,
-    order: StreamOrder,
     /// The configuration this request is served under, from start to end.
     snapshot: Arc<Snapshot>,
+    order: StreamOrder,
     started: Instant,
     head: RequestHead,
-    endpoint: Option<Endpoint>,
+    /// Set once the head checks passed.
+    admitted: Option<Admitted>,
     /// Set once the request is forwarded: whom it went to.
     forwarded: Option<Forwarded>,
     response: Option<ResponseSeen>,
     /// Set when the gateway answered itself.
-    answered: Option<(u16, Option<&'static str>)>,
-    /// The gateway key the client presented, when access control is on.
-    client: Option<Arc<ClientKey>>,
+    own_answer: Option<OwnAnswer>,
     /// The request line was logged and metrics recorded.
     reported: bool,
 }
 
 struct Forwarded {
     backend: Arc<Backend>,
-    model: Option<String>,
+    model: Option<Box<str>>,
     stream: bool,
+}
+
+/// The gateway's own answer to a request.
+#[derive(Clone, Copy)]
+enum OwnAnswer {
+    /// An OpenAI-shaped error.
+    Refused { status: u16, code: &'static str },
+    /// Its own model list.
+    Models,
 }
 
 struct ResponseSeen {
@@ -72,8 +71,10 @@ struct ResponseSeen {
     /// Present while a successful body is being read.
     reader: Option<ResponseReader>,
     first_byte: Option<Instant>,
-    /// What the finished body told; `Some` once the body ended.
+    /// What the finished body told.
     observed: Option<Observed>,
+    /// The response has ended (its last message was seen).
+    ended: bool,
 }
 
 /// The kind of a message, and its end-of-stream flag.
@@ -104,15 +105,14 @@ impl Exchange {
         let snapshot = state.snapshot();
         Self {
             state,
-            order: StreamOrder::default(),
             snapshot,
+            order: StreamOrder::default(),
             started: Instant::now(),
             head: RequestHead::default(),
-            endpoint: None,
+            admitted: None,
             forwarded: None,
             response: None,
-            answered: None,
-            client: None,
+            own_answer: None,
             reported: false,
         }
     }
@@ -132,8 +132,8 @@ impl Exchange {
             return Err(Status::failed_precondition(e.to_string()));
         }
         let answer = match message.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(h),
-            Some(Request::RequestBody(b)) => self.on_request_body(b),
+            Some(Request::RequestHeaders(h)) => self.on_request_headers(&h),
+            Some(Request::RequestBody(b)) => self.on_request_body(&b),
             Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
             Some(Request::ResponseBody(b)) => self.on_response_body(&b),
             // Trailers are never asked for, so `accept` refused them.
@@ -141,178 +141,92 @@ impl Exchange {
         };
         self.state
             .metrics
-            .phases
-            .observe(phase_of(kind), started.elapsed().as_secs_f64());
+            .observe_phase(phase_of(kind), started.elapsed());
         Ok(answer)
     }
 
-    fn on_request_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
-        self.head = RequestHead::from_headers(h.headers.as_ref());
-        // Access first: without a valid gateway key, nothing else is said.
-        if let Some(keys) = self.state.client_keys.current().as_ref() {
-            let presented = self.head.credential.take().unwrap_or_default();
-            match keys.authorize(&presented) {
-                Some(key) => self.client = Some(key),
-                None => return self.reject(ApiError::invalid_api_key()),
+    fn on_request_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
+        self.head = request_head(h.headers.as_ref(), h.end_of_stream);
+        let client_keys = self.state.client_keys.current();
+        let decision = decision::decide_head(
+            &self.head,
+            &self.snapshot,
+            client_keys.as_ref().as_ref(),
+            &self.state.provider_keys,
+        );
+        match decision {
+            HeadDecision::Answer(answer) => self.answer(answer),
+            HeadDecision::AwaitBody(admitted, hygiene) => {
+                self.admitted = Some(admitted);
+                // Strip the client's credentials now; routing waits for
+                // the body.
+                reply::request_headers(reply::hygiene(hygiene))
+            }
+            HeadDecision::Forward(admitted, hygiene, forward) => {
+                self.admitted = Some(admitted);
+                let mut changes = reply::forward(&forward);
+                changes.add(reply::hygiene(hygiene));
+                self.forwarded = Some(Forwarded::from(forward));
+                reply::request_headers(changes)
             }
         }
-        let Some(endpoint) = Endpoint::from_path(&self.head.path) else {
-            return self.reject(ApiError::unknown_path(&self.head.method, &self.head.path));
+    }
+
+    fn on_request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+        let Some(admitted) = &self.admitted else {
+            // A GET decided by its path: a body it carries is passed along
+            // unread and changes nothing.
+            return reply::request_body(Changes::default());
         };
-        self.endpoint = Some(endpoint);
-        if self.head.method != endpoint.method() {
-            return self.reject(ApiError::method_not_allowed(
-                &self.head.method,
-                &self.head.path,
-                endpoint.method(),
-            ));
-        }
-        if !endpoint.has_model_body() {
-            return self.answer_model_listing(endpoint);
-        }
-        if h.end_of_stream {
-            return self.reject(ApiError::invalid_body(
-                "The request has no body; send a JSON object with a `model` field.".into(),
-            ));
-        }
-        let limit = self.snapshot.max_request_body_bytes;
-        if self
-            .head
-            .content_length
-            .is_some_and(|len| len > limit as u64)
-        {
-            return self.reject(ApiError::body_too_large(limit));
-        }
-        // Strip client credentials now; routing waits for the body.
-        reply::request_headers(self.client_hygiene(Changes::default()))
-    }
-
-    /// Adds what every forwarded request loses: the client's credential
-    /// headers, the internal headers it sent, credential query parameters.
-    fn client_hygiene(&mut self, mut changes: Changes) -> Changes {
-        changes.remove = std::mem::take(&mut self.head.to_remove);
-        if let Some(path) = self.head.path_without_credentials() {
-            changes.set.push(set_header(":path", path.as_bytes()));
-        }
-        changes
-    }
-
-    fn on_request_body(&mut self, chunk: HttpBody) -> ProcessingResponse {
-        if !self.endpoint.is_some_and(Endpoint::has_model_body) {
-            // A GET routes by its path, decided with its headers; a body it
-            // carries is passed along unread and changes nothing.
+        if self.forwarded.is_some() {
             return reply::request_body(Changes::default());
         }
         // BUFFERED: this one message is the whole body (its `end_of_stream`
         // is false when HTTP/2 trailers follow; see `order`).
-        let limit = self.snapshot.max_request_body_bytes;
-        if chunk.body.len() > limit {
-            return self.reject(ApiError::body_too_large(limit));
-        }
-        let body = chunk.body;
-
-        let summary = match summarize(&body) {
-            Ok(s) => s,
-            Err(e) if e.is_model_error() => {
-                return self.reject(ApiError::invalid_model(e.to_string()))
+        match decision::decide_body(
+            admitted,
+            &chunk.body,
+            &self.snapshot,
+            &self.state.provider_keys,
+        ) {
+            Ok(forward) => {
+                let changes = reply::forward(&forward);
+                self.forwarded = Some(Forwarded::from(forward));
+                reply::request_body(changes)
             }
-            Err(e) => return self.reject(ApiError::invalid_body(e.to_string())),
-        };
-        if self
-            .client
-            .as_ref()
-            .is_some_and(|c| !c.allows(&summary.model))
-        {
-            return self.reject(ApiError::model_not_allowed(&summary.model));
+            Err(e) => self.answer(Answer::Error(e)),
         }
-        let snapshot = Arc::clone(&self.snapshot);
-        let Some(route) = snapshot.routes.resolve(&summary.model) else {
-            return self.reject(ApiError::model_not_found(&summary.model));
-        };
-        let Some(key) = self.state.provider_keys.get(&route.backend.name) else {
-            return self.reject(ApiError::key_unavailable(&route.backend.name));
-        };
-
-        let mut changes = routing_changes(&route.backend, Some(&summary.model), &key);
-        if let Some(upstream) = route
-            .upstream_model
-            .as_deref()
-            .filter(|u| **u != *summary.model)
-        {
-            let rewritten = rewrite_model(&body, &summary.model_span, upstream);
-            changes.set.push(set_header(
-                "content-length",
-                rewritten.len().to_string().as_bytes(),
-            ));
-            changes.body = Some(rewritten);
-        }
-        self.count("routed", "");
-        self.forwarded = Some(Forwarded {
-            backend: Arc::clone(&route.backend),
-            model: Some(summary.model.into_owned()),
-            stream: summary.stream,
-        });
-        reply::request_body(changes)
     }
 
-    /// `GET /v1/models[/{id}]`: the catch-all backend's own answer if there
-    /// is one (clients such as Kilo Code read the provider's extra fields),
-    /// otherwise the gateway's list of the models it routes.
-    fn answer_model_listing(&mut self, endpoint: Endpoint) -> ProcessingResponse {
-        let snapshot = Arc::clone(&self.snapshot);
-        if endpoint == Endpoint::Model {
-            let id = &self.head.path["/v1/models/".len()..];
-            if id.contains('%') {
-                // The provider may decode `%2F` into a path separator (or
-                // not): the gateway cannot know which model it would read.
-                return self.reject(ApiError::invalid_model(
-                    "The model id in the path must not be percent-encoded; send it as it is (e.g. /v1/models/xai/grok-4.5).".into(),
-                ));
-            }
-            if let Err(m) = crate::config::check_model_name(id) {
-                return self.reject(ApiError::invalid_model(format!(
-                    "The model id in the path {m}."
-                )));
-            }
-        }
-        if let Some(backend) = snapshot.routes.catch_all_backend() {
-            let Some(key) = self.state.provider_keys.get(&backend.name) else {
-                return self.reject(ApiError::key_unavailable(&backend.name));
-            };
-            let changes = self.client_hygiene(routing_changes(backend, None, &key));
-            self.forwarded = Some(Forwarded {
-                backend: Arc::clone(backend),
-                model: None,
-                stream: false,
-            });
-            self.count("routed", "");
-            return reply::request_headers(changes);
-        }
-        let body = match endpoint {
-            Endpoint::Model => {
-                let id = &self.head.path["/v1/models/".len()..];
-                if !snapshot.routes.is_listed(id) {
-                    return self.reject(ApiError::model_not_found(id));
-                }
-                models::model_json(id)
-            }
-            _ => snapshot.model_list_json.clone(),
+    /// The gateway answers the request itself; nothing goes upstream.
+    fn answer(&mut self, answer: Answer) -> ProcessingResponse {
+        let (own, reply) = match answer {
+            Answer::Error(e) => (
+                OwnAnswer::Refused {
+                    status: e.status,
+                    code: e.code,
+                },
+                reply::error(&e),
+            ),
+            Answer::Models(body) => (
+                OwnAnswer::Models,
+                reply::immediate(200, body, "application/json", "ai_gateway_model_list"),
+            ),
         };
-        self.count("answered", "");
-        self.answered = Some((200, None));
+        self.own_answer = Some(own);
         self.order.answered();
-        self.report(Outcome::Answered);
-        reply::immediate(200, body, "application/json", "ai_gateway_model_list")
+        self.report();
+        reply
     }
 
     fn on_response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
         let headers = h.headers.as_ref();
         let status = response_status(headers).unwrap_or(0);
         let Some(fwd) = &self.forwarded else {
+            // Not forwarded (Envoy answered on its own, e.g. a 413).
             return reply::response_headers(Changes::default());
         };
-        let failed = status >= 400;
-        let metadata = failed.then(|| {
+        let metadata = (status >= 400).then(|| {
             let retry_after = header(headers, "retry-after").map(String::from_utf8_lossy);
             self.log_upstream_error(fwd, status, retry_after.as_deref());
             // The one metadata write of a failed request: the access log
@@ -326,7 +240,10 @@ impl Exchange {
         // Only inference responses carry usage; a model list is left alone.
         let read_body = (200..300).contains(&status)
             && !h.end_of_stream
-            && self.endpoint.is_some_and(Endpoint::has_model_body);
+            && self
+                .admitted
+                .as_ref()
+                .is_some_and(|a| a.endpoint.has_model_body());
         self.response = Some(ResponseSeen {
             status,
             reader: read_body.then(|| {
@@ -337,6 +254,7 @@ impl Exchange {
             }),
             first_byte: None,
             observed: None,
+            ended: h.end_of_stream,
         });
         if let Some(metadata) = metadata {
             return reply::with_metadata(reply::response_headers(Changes::default()), metadata);
@@ -366,47 +284,31 @@ impl Exchange {
         if !chunk.end_of_stream {
             return reply::response_body(Changes::default());
         }
+        response.ended = true;
         // A body the gateway does not read (an error, a model list) passes
         // as it is; the exchange is reported when Envoy closes the stream.
-        let Some(reader) = response.reader.take() else {
-            return reply::response_body(Changes::default());
-        };
-        let Some(fwd) = self.forwarded.as_ref() else {
+        let (Some(reader), Some(fwd)) = (response.reader.take(), self.forwarded.as_ref()) else {
             return reply::response_body(Changes::default());
         };
         let backend = &*fwd.backend.name;
         let observed = match reader.finish() {
             Ok(o) => {
                 if o.usage.is_empty() {
-                    self.usage_unavailable(backend, "not_reported");
+                    self.state
+                        .metrics
+                        .record_usage_unavailable(backend, UsageGap::NotReported);
                 }
                 o
             }
-            Err(e) => {
-                self.usage_unavailable(
-                    backend,
-                    match e {
-                        Unreadable::Encoding => "encoding",
-                        Unreadable::Corrupt => "corrupt",
-                    },
-                );
+            Err(gap) => {
+                self.state.metrics.record_usage_unavailable(backend, gap);
                 Observed::default()
             }
         };
         let metadata = report::response_metadata(backend, fwd.model.as_deref(), &observed);
-        if let Some(r) = self.response.as_mut() {
-            r.observed = Some(observed);
-        }
-        self.report(Outcome::Success);
+        response.observed = Some(observed);
+        self.report();
         reply::with_metadata(reply::response_body(Changes::default()), metadata)
-    }
-
-    fn usage_unavailable(&self, backend: &str, reason: &str) {
-        self.state
-            .metrics
-            .usage_unavailable
-            .with_label_values(&[backend, reason])
-            .inc();
     }
 
     /// One clear line per upstream error, saying what the operator can do.
@@ -414,12 +316,7 @@ impl Exchange {
         let backend = &*fwd.backend.name;
         let model = fwd.model.as_deref().unwrap_or("-");
         let request_id = &self.head.request_id;
-        let status_label = status.to_string();
-        self.state
-            .metrics
-            .upstream_errors
-            .with_label_values(&[backend, status_label.as_str()])
-            .inc();
+        self.state.metrics.record_upstream_error(backend, status);
         match status {
             401 | 403 => tracing::error!(
                 request_id, backend, model, status,
@@ -441,34 +338,29 @@ impl Exchange {
         }
     }
 
-    fn reject(&mut self, error: ApiError) -> ProcessingResponse {
-        self.count("rejected", error.code);
-        self.answered = Some((error.status, Some(error.code)));
-        self.order.answered();
-        self.report(Outcome::Answered);
-        reply::error(&error)
-    }
-
-    fn count(&self, outcome: &str, error: &str) {
-        let endpoint = self.endpoint.map_or("unknown", Endpoint::label);
-        self.state
-            .metrics
-            .requests
-            .with_label_values(&[endpoint, outcome, error])
-            .inc();
+    /// How the exchange ended, from what was seen of it.
+    fn outcome(&self) -> Outcome {
+        match (self.own_answer, &self.response) {
+            (Some(OwnAnswer::Refused { .. }), _) => Outcome::Rejected,
+            (Some(OwnAnswer::Models), _) => Outcome::Answered,
+            (None, Some(r)) if r.status >= 400 => Outcome::UpstreamError,
+            (None, Some(r)) if r.ended => Outcome::Success,
+            // Cut short: the response never ended, or never began.
+            (None, _) => Outcome::Cancelled,
+        }
     }
 
     /// Logs the request line and records metrics, once per exchange.
-    fn report(&mut self, outcome: Outcome) {
+    fn report(&mut self) {
         if std::mem::replace(&mut self.reported, true) {
             return;
         }
         let fwd = self.forwarded.as_ref();
         let response = self.response.as_ref();
-        let (status, error) = match (self.answered, response) {
-            (Some((status, error)), _) => (Some(status), error),
-            (None, Some(r)) => (Some(r.status), None),
-            (None, None) => (None, None),
+        let (status, error) = match self.own_answer {
+            Some(OwnAnswer::Refused { status, code }) => (Some(status), Some(code)),
+            Some(OwnAnswer::Models) => (Some(200), None),
+            None => (response.map(|r| r.status), None),
         };
         report::record(
             &self.state.metrics,
@@ -476,14 +368,24 @@ impl Exchange {
                 request_id: &self.head.request_id,
                 method: &self.head.method,
                 path: &self.head.path,
-                client: self.client.as_ref().map(|c| c.name.as_str()),
-                endpoint: self.endpoint,
+                client: self
+                    .admitted
+                    .as_ref()
+                    .and_then(|a| a.client.as_ref())
+                    .map(|c| c.name.as_str()),
+                // A request refused before it was admitted is still counted
+                // under the endpoint its path names.
+                endpoint: self
+                    .admitted
+                    .as_ref()
+                    .map(|a| a.endpoint)
+                    .or_else(|| Endpoint::from_path(&self.head.path)),
                 backend: fwd.map(|f| &*f.backend.name),
                 model: fwd.and_then(|f| f.model.as_deref()),
                 stream: fwd.is_some_and(|f| f.stream),
                 status,
                 error,
-                outcome,
+                outcome: self.outcome(),
                 observed: response.and_then(|r| r.observed.as_ref()),
                 duration: self.started.elapsed(),
                 time_to_first_byte: response
@@ -494,36 +396,22 @@ impl Exchange {
     }
 }
 
+impl From<Forward> for Forwarded {
+    fn from(f: Forward) -> Self {
+        Self {
+            backend: f.route.backend,
+            model: f.model,
+            stream: f.stream,
+        }
+    }
+}
+
 impl Drop for Exchange {
     /// Envoy closes the stream when the HTTP exchange is over: what has not
     /// been reported yet is reported now, with how it ended.
     fn drop(&mut self) {
-        if self.reported || !self.order.started() {
-            return;
+        if !self.reported && self.order.started() {
+            self.report();
         }
-        let outcome = match &self.response {
-            Some(r) if r.status >= 400 => Outcome::UpstreamError,
-            // The body was being read and never ended: cut short.
-            Some(r) if r.reader.is_some() => Outcome::Cancelled,
-            Some(_) => Outcome::Success,
-            None => Outcome::Cancelled,
-        };
-        self.report(outcome);
-    }
-}
-
-/// The header changes that send a request to `backend` with its key.
-fn routing_changes(backend: &Backend, model: Option<&str>, key: &ApiKey) -> Changes {
-    let mut set = vec![
-        set_header(BACKEND_HEADER, backend.name.as_bytes()),
-        set_header("authorization", key.authorization().as_bytes()),
-    ];
-    if let Some(model) = model {
-        set.push(set_header(MODEL_HEADER, model.as_bytes()));
-    }
-    Changes {
-        set,
-        reroute: true,
-        ..Changes::default()
     }
 }

@@ -1,18 +1,9 @@
-//! Reading Envoy's header maps.
+//! Reading Envoy's header maps, and which headers Envoy sends at all.
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 
-use super::INTERNAL_HEADER_PREFIX;
-
-/// Headers through which a client could hand a provider its own key. They
-/// are removed from every forwarded request: only the gateway's key leaves.
-pub const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "proxy-authorization",
-];
+use crate::decision::head::{CREDENTIAL_HEADERS, INTERNAL_HEADER_PREFIX};
+use crate::decision::RequestHead;
 
 /// Client headers no provider gets, whatever the route, removed by Envoy's
 /// routes (`request_headers_to_remove`) so the processor need not see them:
@@ -34,18 +25,6 @@ pub const CLIENT_HEADERS_NOT_FORWARDED: &[&str] = &[
     "x-auth-token",
     "anthropic-api-key",
     "ocp-apim-subscription-key",
-];
-
-/// Query parameters through which a client could hand a provider its own
-/// key (`?key=` is Google's form, `?api-key=` some proxies'); removed from
-/// the path the provider gets. Compared without case, after decoding.
-pub const CREDENTIAL_PARAMS: &[&str] = &[
-    "key",
-    "api-key",
-    "api_key",
-    "apikey",
-    "access_token",
-    "token",
 ];
 
 /// The other headers the processor reads, request and response. Envoy sends
@@ -71,27 +50,22 @@ pub fn is_forwarded(name: &str) -> bool {
         || name.starts_with(INTERNAL_HEADER_PREFIX)
 }
 
-/// The request facts the gateway needs from the header map.
-#[derive(Debug, Default)]
-pub struct RequestHead {
-    pub method: String,
-    /// The path without its query string.
-    pub path: String,
-    /// The query string, without its `?`, if there was one.
-    pub query: Option<String>,
-    pub request_id: String,
-    pub content_length: Option<u64>,
-    /// Client headers to remove before forwarding: credentials and any
-    /// gateway-internal header the client tried to set.
-    pub to_remove: Vec<String>,
-    /// The key the client presented (`Authorization: Bearer`, else
-    /// `x-api-key`), for the gateway's own access control.
-    pub credential: Option<Vec<u8>>,
+/// The request facts of a request-headers message.
+pub fn request_head(map: Option<&HeaderMap>, end_of_stream: bool) -> RequestHead {
+    let mut head = RequestHead {
+        bodiless: end_of_stream,
+        ..RequestHead::default()
+    };
+    for h in map.map(|m| m.headers.as_slice()).unwrap_or_default() {
+        // Envoy hands header names over lower-cased.
+        head.add(&h.key, value_of(h));
+    }
+    head
 }
 
 /// A header's value: Envoy sends `raw_value` (bytes) in current versions and
 /// `value` in older ones.
-fn value_of(h: &envoy_types::pb::envoy::config::core::v3::HeaderValue) -> &[u8] {
+fn value_of(h: &HeaderValue) -> &[u8] {
     if h.raw_value.is_empty() {
         h.value.as_bytes()
     } else {
@@ -99,88 +73,12 @@ fn value_of(h: &envoy_types::pb::envoy::config::core::v3::HeaderValue) -> &[u8] 
     }
 }
 
-impl RequestHead {
-    pub fn from_headers(map: Option<&HeaderMap>) -> Self {
-        let mut head = RequestHead::default();
-        let Some(map) = map else {
-            return head;
-        };
-        for h in &map.headers {
-            // Envoy hands header names over lower-cased.
-            let key = h.key.as_str();
-            let value = value_of(h);
-            match key {
-                ":method" => head.method = String::from_utf8_lossy(value).into_owned(),
-                ":path" => {
-                    let mut parts = value.splitn(2, |&b| b == b'?');
-                    let path = parts.next().unwrap_or_default();
-                    head.path = String::from_utf8_lossy(path).into_owned();
-                    head.query = parts
-                        .next()
-                        .map(|q| String::from_utf8_lossy(q).into_owned());
-                }
-                "x-request-id" => head.request_id = String::from_utf8_lossy(value).into_owned(),
-                "authorization" => {
-                    let bearer = value
-                        .get(..7)
-                        .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
-                        .map(|_| value[7..].trim_ascii());
-                    if let Some(token) = bearer {
-                        head.credential = Some(token.to_vec());
-                    }
-                }
-                "x-api-key" if head.credential.is_none() => {
-                    head.credential = Some(value.trim_ascii().to_vec())
-                }
-                "content-length" => {
-                    head.content_length = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.trim().parse().ok())
-                }
-                _ => {}
-            }
-            let forbidden =
-                CREDENTIAL_HEADERS.contains(&key) || key.starts_with(INTERNAL_HEADER_PREFIX);
-            if forbidden && !head.to_remove.iter().any(|k| k == key) {
-                head.to_remove.push(key.to_string());
-            }
-        }
-        head
-    }
-}
-
-impl RequestHead {
-    /// The `:path` to forward instead, when the query carries a credential
-    /// parameter (the provider must get only the gateway's key).
-    pub fn path_without_credentials(&self) -> Option<String> {
-        let query = self.query.as_deref()?;
-        let is_credential = |pair: &str| {
-            url::form_urlencoded::parse(pair.as_bytes())
-                .next()
-                .is_some_and(|(name, _)| {
-                    CREDENTIAL_PARAMS
-                        .iter()
-                        .any(|c| c.eq_ignore_ascii_case(name.trim()))
-                })
-        };
-        let pairs: Vec<&str> = query.split('&').collect();
-        if !pairs.iter().any(|p| is_credential(p)) {
-            return None;
-        }
-        let kept: Vec<&str> = pairs.into_iter().filter(|p| !is_credential(p)).collect();
-        Some(if kept.is_empty() {
-            self.path.clone()
-        } else {
-            format!("{}?{}", self.path, kept.join("&"))
-        })
-    }
-}
-
-/// The `:status` of a response header map, and a header by name.
+/// The `:status` of a response header map.
 pub fn response_status(map: Option<&HeaderMap>) -> Option<u16> {
     header(map, ":status").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
+/// A header's value by (lower-case) name.
 pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a [u8]> {
     map?.headers.iter().find(|h| h.key == name).map(value_of)
 }
@@ -188,7 +86,6 @@ pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         HeaderMap {
@@ -203,36 +100,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reads_head_and_lists_client_credentials() {
-        let m = map(&[
-            (":method", "POST"),
-            (":path", "/v1/chat/completions?x=1"),
-            ("x-request-id", "abc"),
-            ("content-length", "42"),
-            ("authorization", "Bearer client"),
-            ("x-api-key", "client"),
-            ("x-ai-eg-backend", "evil"),
-            ("x-ai-eg-anything", "1"),
-            ("user-agent", "kilo"),
-        ]);
-        let head = RequestHead::from_headers(Some(&m));
-        assert_eq!(head.method, "POST");
-        assert_eq!(head.path, "/v1/chat/completions");
-        assert_eq!(head.request_id, "abc");
-        assert_eq!(head.content_length, Some(42));
-        assert_eq!(head.credential.as_deref(), Some(&b"client"[..]));
-        assert_eq!(
-            head.to_remove,
-            [
-                "authorization",
-                "x-api-key",
-                "x-ai-eg-backend",
-                "x-ai-eg-anything"
-            ]
-        );
-    }
-
     /// Envoy forwards only some headers (`forward_rules`): what the
     /// processor makes of a full header map must not change when the
     /// others are left out.
@@ -240,7 +107,7 @@ mod tests {
     fn every_header_read_is_forwarded() {
         let all = [
             (":method", "POST"),
-            (":path", "/v1/chat/completions"),
+            (":path", "/v1/chat/completions?key=k"),
             (":authority", "gw"),
             ("x-request-id", "abc"),
             ("content-length", "42"),
@@ -252,43 +119,15 @@ mod tests {
             ("x-goog-api-key", "k"),
             ("proxy-authorization", "Basic k"),
             ("x-ai-eg-backend", "evil"),
+            ("cookie", "c"),
         ];
-        let full = RequestHead::from_headers(Some(&map(&all)));
+        let full = request_head(Some(&map(&all)), false);
         let forwarded: Vec<_> = all.into_iter().filter(|(k, _)| is_forwarded(k)).collect();
         assert!(forwarded.len() < all.len(), "the test must leave some out");
-        let seen = RequestHead::from_headers(Some(&map(&forwarded)));
-        assert_eq!(format!("{full:?}"), format!("{seen:?}"));
+        let seen = request_head(Some(&map(&forwarded)), false);
+        assert_eq!(full, seen);
         for name in [":status", "content-type", "content-encoding", "retry-after"] {
             assert!(is_forwarded(name), "{name} is read from responses");
-        }
-    }
-
-    #[test]
-    fn credential_query_parameters_are_dropped() {
-        let head = |path: &str| RequestHead::from_headers(Some(&map(&[(":path", path)])));
-        for (path, want) in [
-            ("/v1/chat/completions", None),
-            ("/v1/chat/completions?a=1", None),
-            (
-                "/v1/chat/completions?key=sk-1",
-                Some("/v1/chat/completions"),
-            ),
-            (
-                "/v1/chat/completions?api-key=sk-1&a=1",
-                Some("/v1/chat/completions?a=1"),
-            ),
-            (
-                "/v1/models?a=1&API_KEY=sk-1&b=2",
-                Some("/v1/models?a=1&b=2"),
-            ),
-            ("/v1/models?%6Bey=sk-1", Some("/v1/models")),
-            ("/v1/models?access_token=sk&token=sk", Some("/v1/models")),
-        ] {
-            assert_eq!(
-                head(path).path_without_credentials().as_deref(),
-                want,
-                "{path}"
-            );
         }
     }
 

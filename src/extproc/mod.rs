@@ -24,5 +24,4 @@ pub use service::ExtProcService;
 pub const BACKEND_HEADER: &str = "x-ai-eg-backend";
 /// Header carrying the requested model, for Envoy's access log.
 pub const MODEL_HEADER: &str = "x-ai-eg-model";
-/// Prefix of every gateway-internal header; clients may not send these.
-pub const INTERNAL_HEADER_PREFIX: &str = "x-ai-eg-";
+pub use crate::decision::head::INTERNAL_HEADER_PREFIX;

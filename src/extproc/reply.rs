@@ -12,6 +12,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::Struct;
 
+use super::{BACKEND_HEADER, MODEL_HEADER};
+use crate::decision::{Forward, Hygiene};
 use crate::openai::error::ApiError;
 
 /// A header to set, replacing any value the request already had.
@@ -38,6 +40,16 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Adds `other`'s changes to these.
+    pub fn add(&mut self, other: Changes) {
+        self.set.extend(other.set);
+        self.remove.extend(other.remove);
+        if other.body.is_some() {
+            self.body = other.body;
+        }
+        self.reroute |= other.reroute;
+    }
+
     fn into_common(self) -> Option<CommonResponse> {
         if self.set.is_empty() && self.remove.is_empty() && self.body.is_none() && !self.reroute {
             // An absent CommonResponse means "continue unchanged".
@@ -57,6 +69,46 @@ impl Changes {
             clear_route_cache: self.reroute,
             ..Default::default()
         })
+    }
+}
+
+/// The changes that send a request where `forward` says, with its key:
+/// the routing header Envoy's routes match on (and a new route match), the
+/// provider key, the model for the access log, and the rewritten body with
+/// its length.
+pub fn forward(forward: &Forward) -> Changes {
+    let mut set = vec![
+        set_header(BACKEND_HEADER, forward.route.backend.name.as_bytes()),
+        set_header("authorization", forward.key.authorization().as_bytes()),
+    ];
+    if let Some(model) = &forward.model {
+        set.push(set_header(MODEL_HEADER, model.as_bytes()));
+    }
+    if let Some(body) = &forward.body {
+        set.push(set_header(
+            "content-length",
+            body.len().to_string().as_bytes(),
+        ));
+    }
+    Changes {
+        set,
+        body: forward.body.clone(),
+        reroute: true,
+        ..Changes::default()
+    }
+}
+
+/// The changes that take the client's credentials (headers and query
+/// parameters) and spoofed internal headers off a forwarded request.
+pub fn hygiene(hygiene: Hygiene) -> Changes {
+    let mut set = Vec::new();
+    if let Some(path) = hygiene.path {
+        set.push(set_header(":path", path.as_bytes()));
+    }
+    Changes {
+        set,
+        remove: hygiene.remove,
+        ..Changes::default()
     }
 }
 

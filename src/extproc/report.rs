@@ -1,5 +1,5 @@
-//! What is recorded when an exchange ends: one log line, the GenAI metrics,
-//! and the token counts as Envoy dynamic metadata (namespace
+//! What is recorded when an exchange ends: one log line, the metrics, and
+//! the route and token counts as Envoy dynamic metadata (namespace
 //! [`METADATA_NAMESPACE`]), where Envoy's access log and rate limiting can
 //! read them.
 
@@ -7,36 +7,13 @@ use std::time::Duration;
 
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 
-use crate::metrics::Metrics;
+use crate::metrics::{GenAiExchange, Metrics};
 use crate::openai::usage::{Observed, TokenUsage};
 use crate::openai::Endpoint;
+use crate::outcome::Outcome;
 
 /// The dynamic metadata namespace the gateway writes in Envoy.
 pub const METADATA_NAMESPACE: &str = "io.envoy.ai_gateway";
-
-/// How an exchange ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The provider answered with a success status and the body ended.
-    Success,
-    /// The provider answered 400 or above.
-    UpstreamError,
-    /// The stream ended before the response did (client gone, reset).
-    Cancelled,
-    /// The gateway answered itself (model list or an error).
-    Answered,
-}
-
-impl Outcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::UpstreamError => "upstream_error",
-            Self::Cancelled => "cancelled",
-            Self::Answered => "answered",
-        }
-    }
-}
 
 /// Everything known about an exchange when it ends.
 pub struct Completion<'a> {
@@ -50,7 +27,7 @@ pub struct Completion<'a> {
     pub model: Option<&'a str>,
     pub stream: bool,
     pub status: Option<u16>,
-    /// The gateway's own error code, when it answered with an error.
+    /// The gateway's own error code, when it refused the request.
     pub error: Option<&'static str>,
     pub outcome: Outcome,
     pub observed: Option<&'a Observed>,
@@ -58,11 +35,26 @@ pub struct Completion<'a> {
     pub time_to_first_byte: Option<Duration>,
 }
 
-/// Logs the request line and records the GenAI metrics.
+/// Logs the request line and records the metrics.
 pub fn record(metrics: &Metrics, c: &Completion<'_>) {
     let usage = c.observed.map(|o| o.usage).unwrap_or_default();
     let response_model = c.observed.and_then(|o| o.model.as_deref());
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // Metrics first: whoever sees the log line sees the metrics too.
+    metrics.record_request(c.endpoint, c.outcome, c.error);
+    if let (true, Some(backend), Some(endpoint)) = (c.outcome.forwarded(), c.backend, c.endpoint) {
+        metrics.record_exchange(&GenAiExchange {
+            request_model: c.model.unwrap_or("-"),
+            response_model,
+            backend,
+            endpoint,
+            outcome: c.outcome,
+            stream: c.stream,
+            duration: c.duration,
+            time_to_first_byte: c.time_to_first_byte,
+            usage,
+        });
+    }
     tracing::info!(
         request_id = c.request_id,
         method = c.method,
@@ -83,58 +75,11 @@ pub fn record(metrics: &Metrics, c: &Completion<'_>) {
         ttfb_ms = c.time_to_first_byte.map(ms),
         "request"
     );
-
-    let (Some(backend), Some(endpoint)) = (c.backend, c.endpoint) else {
-        return; // answered by the gateway: no provider, no GenAI metrics
-    };
-    let request_model = metrics.models.label(c.model.unwrap_or("-"));
-    let response_model = metrics
-        .models
-        .label(response_model.unwrap_or(request_model));
-    let labels = [
-        request_model,
-        response_model,
-        backend,
-        endpoint.operation(),
-        c.outcome.label(),
-    ];
-    metrics
-        .request_duration
-        .with_label_values(&labels)
-        .observe(c.duration.as_secs_f64());
-    if let (true, Some(ttfb)) = (c.stream, c.time_to_first_byte) {
-        metrics
-            .time_to_first_token
-            .with_label_values(&labels)
-            .observe(ttfb.as_secs_f64());
-        if let Some(output) = usage.output.filter(|o| *o > 1) {
-            let generating = c.duration.saturating_sub(ttfb).as_secs_f64();
-            metrics
-                .time_per_output_token
-                .with_label_values(&labels)
-                .observe(generating / (output - 1) as f64);
-        }
-    }
-    for (kind, count) in [
-        ("input", usage.input),
-        ("output", usage.output),
-        ("cached_input", usage.cached_input),
-        ("reasoning", usage.reasoning),
-    ] {
-        if let Some(n) = count {
-            let [a, b, c, d, e] = labels;
-            metrics
-                .token_usage
-                .with_label_values(&[kind, a, b, c, d, e])
-                .observe(n as f64);
-        }
-    }
 }
 
-/// Dynamic metadata with the route and the token counts, set once, when a
-/// successful response ends: each write costs Envoy's worker a protobuf
-/// merge, so there is one per request. Until then the routing headers
-/// (`x-ai-eg-backend`, `x-ai-eg-model`) name the route.
+/// Dynamic metadata with the route and the token counts, set once per
+/// request: when a successful response ends, or with the headers of a
+/// failed one. Each write costs Envoy's worker a protobuf merge.
 pub fn response_metadata(backend: &str, model: Option<&str>, observed: &Observed) -> Struct {
     let TokenUsage {
         input,

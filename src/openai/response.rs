@@ -12,28 +12,19 @@ use std::io::Write;
 use flate2::write::{GzDecoder, ZlibDecoder};
 
 use super::sse::SseParser;
-use super::usage::{observe, observe_window, Observed};
+use super::usage::{observe, observe_window, Observed, UsageGap};
 
 /// JSON bodies up to this size are parsed whole.
 pub const FULL_JSON_BYTES: usize = 4 * 1024 * 1024;
 const HEAD_BYTES: usize = 16 * 1024;
 const TAIL_BYTES: usize = 64 * 1024;
 
-/// Why usage could not be read from a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unreadable {
-    /// A `content-encoding` the gateway does not decode (e.g. `br`).
-    Encoding,
-    /// The compressed stream was corrupt.
-    Corrupt,
-}
-
 /// Per-response reading state.
 pub struct ResponseReader {
     decoder: Decoder,
     body: Body,
     observed: Observed,
-    unreadable: Option<Unreadable>,
+    unreadable: Option<UsageGap>,
 }
 
 enum Decoder {
@@ -65,7 +56,7 @@ impl ResponseReader {
             }
             Some(_) => Decoder::Unsupported,
         };
-        let unreadable = matches!(decoder, Decoder::Unsupported).then_some(Unreadable::Encoding);
+        let unreadable = matches!(decoder, Decoder::Unsupported).then_some(UsageGap::Encoding);
         Self {
             decoder,
             body: if is_sse {
@@ -98,12 +89,12 @@ impl ResponseReader {
         };
         match decoded {
             Ok(plain) => Self::consume(&mut self.body, &mut self.observed, &plain),
-            Err(_) => self.unreadable = Some(Unreadable::Corrupt),
+            Err(_) => self.unreadable = Some(UsageGap::Corrupt),
         }
     }
 
     /// Ends the body and tells what it said.
-    pub fn finish(mut self) -> Result<Observed, Unreadable> {
+    pub fn finish(mut self) -> Result<Observed, UsageGap> {
         let rest = match &mut self.decoder {
             Decoder::Gzip(d) => Some(d.try_finish().map(|()| std::mem::take(d.get_mut()))),
             Decoder::Deflate(d) => Some(d.try_finish().map(|()| std::mem::take(d.get_mut()))),
@@ -114,7 +105,7 @@ impl ResponseReader {
         }
         match rest {
             Some(Ok(plain)) => Self::consume(&mut self.body, &mut self.observed, &plain),
-            Some(Err(_)) => return Err(Unreadable::Corrupt),
+            Some(Err(_)) => return Err(UsageGap::Corrupt),
             None => {}
         }
         if let Body::Json(window) = self.body {
@@ -247,9 +238,9 @@ mod tests {
     fn unsupported_or_corrupt_encoding_is_reported() {
         let mut r = ResponseReader::new(Some(b"application/json"), Some(b"br"));
         r.push(b"\x1b\x00");
-        assert_eq!(r.finish().unwrap_err(), Unreadable::Encoding);
+        assert_eq!(r.finish().unwrap_err(), UsageGap::Encoding);
         let mut r = ResponseReader::new(Some(b"application/json"), Some(b"gzip"));
         r.push(b"this is not gzip at all");
-        assert_eq!(r.finish().unwrap_err(), Unreadable::Corrupt);
+        assert_eq!(r.finish().unwrap_err(), UsageGap::Corrupt);
     }
 }

@@ -50,6 +50,28 @@ impl TokenUsage {
     }
 }
 
+/// Why a successful response has no usage to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGap {
+    /// The provider did not report it (e.g. a stream without
+    /// `stream_options.include_usage`).
+    NotReported,
+    /// A `content-encoding` the gateway does not decode (e.g. `br`).
+    Encoding,
+    /// The compressed body was corrupt.
+    Corrupt,
+}
+
+impl UsageGap {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotReported => "not_reported",
+            Self::Encoding => "encoding",
+            Self::Corrupt => "corrupt",
+        }
+    }
+}
+
 /// What one response body, or one stream event, tells.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Observed {

@@ -107,7 +107,7 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
         metric(
             &m,
             "ai_gateway_requests_total",
-            &[r#"endpoint="chat_completions""#, r#"outcome="routed""#]
+            &[r#"endpoint="chat_completions""#, r#"outcome="success""#]
         ),
         Some(1.0)
     );
@@ -359,4 +359,79 @@ async fn client_leaving_mid_stream_is_logged_as_cancelled() {
         Some(1.0),
         "{m}"
     );
+}
+
+/// One name per outcome: a request the gateway refuses, one it answers
+/// itself and one a provider fails are named the same way in the request
+/// log line and in `ai_gateway_requests_total`.
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_have_one_name_in_logs_and_metrics() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::builder()
+        .backend("tars", &up.url(), Some("k"))
+        .model("gpt-4o-mini", "tars")
+        .start()
+        .await;
+    let refused = gw
+        .request(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            "{}",
+            &[("x-request-id", "req-refused")],
+        )
+        .await;
+    refused.assert_error(400, "invalid_model");
+    let listed = gw
+        .request(
+            reqwest::Method::GET,
+            "/v1/models",
+            "",
+            &[("x-request-id", "req-listed")],
+        )
+        .await;
+    assert_eq!(listed.status, 200);
+    up.set_canned(Some(Canned {
+        status: 503,
+        headers: vec![],
+        body: r#"{"error":{"message":"down","type":"server_error"}}"#.into(),
+    }));
+    let failed = gw
+        .request(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            chat("gpt-4o-mini").to_string(),
+            &[("x-request-id", "req-failed")],
+        )
+        .await;
+    assert_eq!(failed.status, 503);
+
+    let cases = [
+        (
+            "req-refused",
+            "chat_completions",
+            "rejected",
+            "invalid_model",
+        ),
+        ("req-listed", "models", "answered", ""),
+        ("req-failed", "chat_completions", "upstream_error", ""),
+    ];
+    // The line is written when the exchange ends; the metric with it.
+    for (id, _, outcome, _) in cases {
+        let line = gw.wait_for_log(&[id, " request "]);
+        assert!(line.contains(&format!(r#"outcome="{outcome}""#)), "{line}");
+    }
+    let m = gw.admin_get("/metrics").await.text();
+    for (_, endpoint, outcome, error) in cases {
+        let labels = [
+            format!(r#"endpoint="{endpoint}""#),
+            format!(r#"outcome="{outcome}""#),
+            format!(r#"error="{error}""#),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        assert_eq!(
+            metric(&m, "ai_gateway_requests_total", &labels),
+            Some(1.0),
+            "{outcome}:\n{m}"
+        );
+    }
 }

@@ -1,0 +1,216 @@
+//! The decision: what the gateway does with a request, as pure functions.
+//!
+//! Request head + body + the configuration snapshot + the keys in force →
+//! forward instructions, or an OpenAI-shaped [`ApiError`]. No I/O, no clock,
+//! no Envoy: the ext_proc exchange feeds the phases in and turns the result
+//! into Envoy's messages. Every rule of access, routing and body checking
+//! lives here, tested table by table.
+//!
+//! Two steps, because the headers must be answered before the body comes:
+//! 1. [`decide_head`]: the client key, the path, the method, the declared
+//!    size; a `GET` is decided entirely here (by its path);
+//! 2. [`decide_body`]: the body's `model`, the client key's model rules,
+//!    the route, the provider key, the rewrite.
+
+pub mod head;
+
+use std::sync::Arc;
+
+use crate::client_keys::{ClientKey, ClientKeySet};
+use crate::config::check_model_name;
+use crate::openai::error::ApiError;
+use crate::openai::request::{rewrite_model, summarize};
+use crate::openai::{models, Endpoint};
+use crate::provider_keys::{ApiKey, ProviderKeys};
+use crate::routes::Route;
+use crate::state::Snapshot;
+
+pub use head::{Hygiene, RequestHead};
+
+/// What the request headers decide.
+#[derive(Debug)]
+pub enum HeadDecision {
+    /// The gateway answers now: an error, or its own model list.
+    Answer(Answer),
+    /// Forward now, by the path (`GET /v1/models[/{id}]` to the catch-all
+    /// backend).
+    Forward(Admitted, Hygiene, Forward),
+    /// Forward once the body has named the model; strip the client's
+    /// credentials meanwhile.
+    AwaitBody(Admitted, Hygiene),
+}
+
+/// The gateway's own answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Error(ApiError),
+    /// `GET /v1/models[/{id}]` answered from the configuration.
+    Models(Vec<u8>),
+}
+
+/// A request that passed the head checks.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub endpoint: Endpoint,
+    /// The gateway key the client presented, when client keys are on.
+    pub client: Option<Arc<ClientKey>>,
+}
+
+/// Where a request goes, and how.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub route: Route,
+    pub key: ApiKey,
+    /// The client's model; `None` for a model listing.
+    pub model: Option<Box<str>>,
+    pub stream: bool,
+    /// The body to send instead of the client's (the model renamed).
+    pub body: Option<Vec<u8>>,
+    /// The output cap the request names, if any.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// Decides on the request headers. `client_keys` is `None` when access is
+/// open.
+pub fn decide_head(
+    head: &RequestHead,
+    snapshot: &Snapshot,
+    client_keys: Option<&ClientKeySet>,
+    provider_keys: &ProviderKeys,
+) -> HeadDecision {
+    let refuse = |e: ApiError| HeadDecision::Answer(Answer::Error(e));
+    // Access first: without a valid gateway key, nothing else is said (not
+    // even whether the path exists).
+    let client = match client_keys {
+        None => None,
+        Some(keys) => {
+            let presented = head.credential.as_deref().unwrap_or_default();
+            match keys.authorize(presented) {
+                Some(key) => Some(key),
+                None => return refuse(ApiError::invalid_api_key()),
+            }
+        }
+    };
+    let Some(endpoint) = Endpoint::from_path(&head.path) else {
+        return refuse(ApiError::unknown_path(&head.method, &head.path));
+    };
+    if head.method != endpoint.method() {
+        return refuse(ApiError::method_not_allowed(
+            &head.method,
+            &head.path,
+            endpoint.method(),
+        ));
+    }
+    let admitted = Admitted { endpoint, client };
+    if !endpoint.has_model_body() {
+        return decide_model_listing(head, admitted, snapshot, provider_keys);
+    }
+    if head.bodiless {
+        return refuse(ApiError::invalid_body(
+            "The request has no body; send a JSON object with a `model` field.".into(),
+        ));
+    }
+    let limit = snapshot.max_request_body_bytes;
+    if head.content_length.is_some_and(|len| len > limit as u64) {
+        return refuse(ApiError::body_too_large(limit));
+    }
+    HeadDecision::AwaitBody(admitted, Hygiene::of(head))
+}
+
+/// `GET /v1/models[/{id}]`, decided by the path: the catch-all backend's
+/// own answer if there is one (clients such as Kilo Code read the
+/// provider's extra fields), otherwise the gateway's list of the models it
+/// routes.
+fn decide_model_listing(
+    head: &RequestHead,
+    admitted: Admitted,
+    snapshot: &Snapshot,
+    provider_keys: &ProviderKeys,
+) -> HeadDecision {
+    let refuse = |e: ApiError| HeadDecision::Answer(Answer::Error(e));
+    let id = head.path.strip_prefix("/v1/models/");
+    if let Some(id) = id {
+        if id.contains('%') {
+            // The provider may decode `%2F` into a path separator (or not):
+            // the gateway cannot know which model it would read.
+            return refuse(ApiError::invalid_model(
+                "The model id in the path must not be percent-encoded; send it as it is (e.g. /v1/models/xai/grok-4.5).".into(),
+            ));
+        }
+        if let Err(m) = check_model_name(id) {
+            return refuse(ApiError::invalid_model(format!(
+                "The model id in the path {m}."
+            )));
+        }
+    }
+    if let Some(route) = snapshot.routes.catch_all() {
+        let Some(key) = provider_keys.get(&route.backend.name) else {
+            return refuse(ApiError::key_unavailable(&route.backend.name));
+        };
+        let forward = Forward {
+            route: route.clone(),
+            key,
+            model: None,
+            stream: false,
+            body: None,
+            max_output_tokens: None,
+        };
+        return HeadDecision::Forward(admitted, Hygiene::of(head), forward);
+    }
+    let body = match id {
+        Some(id) if !snapshot.routes.is_listed(id) => {
+            return refuse(ApiError::model_not_found(id));
+        }
+        Some(id) => models::model_json(id),
+        None => snapshot.model_list_json.clone(),
+    };
+    HeadDecision::Answer(Answer::Models(body))
+}
+
+/// Decides on the request body (the whole body: Envoy buffers it).
+pub fn decide_body(
+    admitted: &Admitted,
+    body: &[u8],
+    snapshot: &Snapshot,
+    provider_keys: &ProviderKeys,
+) -> Result<Forward, ApiError> {
+    let limit = snapshot.max_request_body_bytes;
+    if body.len() > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let summary = summarize(body).map_err(|e| {
+        if e.is_model_error() {
+            ApiError::invalid_model(e.to_string())
+        } else {
+            ApiError::invalid_body(e.to_string())
+        }
+    })?;
+    if let Some(client) = &admitted.client {
+        if !client.allows(&summary.model) {
+            return Err(ApiError::model_not_allowed(&summary.model));
+        }
+    }
+    let route = snapshot
+        .routes
+        .resolve(&summary.model)
+        .ok_or_else(|| ApiError::model_not_found(&summary.model))?;
+    let key = provider_keys
+        .get(&route.backend.name)
+        .ok_or_else(|| ApiError::key_unavailable(&route.backend.name))?;
+    let rewritten = route
+        .upstream_model
+        .as_deref()
+        .filter(|upstream| **upstream != *summary.model)
+        .map(|upstream| rewrite_model(body, &summary.model_span, upstream));
+    Ok(Forward {
+        route: route.clone(),
+        key,
+        model: Some(summary.model.as_ref().into()),
+        stream: summary.stream,
+        body: rewritten,
+        max_output_tokens: summary.max_output_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests;
