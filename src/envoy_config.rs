@@ -39,8 +39,6 @@ pub const EXTPROC_CLUSTER: &str = "ai-gateway-extproc";
 /// Why a configuration cannot be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("backend {backend}: {message}")]
-    Backend { backend: String, message: String },
     #[error("cannot serialize the bootstrap: {0}")]
     Serialize(#[from] serde_yaml_ng::Error),
     #[error(transparent)]
@@ -52,12 +50,8 @@ pub fn render(config: &Config) -> Result<String, RenderError> {
     let mut clusters = vec![extproc_cluster(config)];
     let mut routes = Vec::new();
     for backend in &config.backends {
-        let url = BackendUrl::parse(&backend.url).map_err(|message| RenderError::Backend {
-            backend: backend.name.clone(),
-            message,
-        })?;
-        clusters.push(backend_cluster(backend, &url));
-        routes.push(backend_route(backend, &url));
+        clusters.push(backend_cluster(backend, &backend.url));
+        routes.push(backend_route(backend, &backend.url));
     }
     routes.push(json!({
         "name": "unrouted",

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ struct Cli {
 
     /// Where to serve Envoy's ext_proc gRPC stream: `host:port` or
     /// `unix:/path/to.sock`. Overrides `extproc.listen`.
-    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_listen)]
+    #[arg(long, global = true, value_name = "ADDR", value_parser = ListenAddr::from_str)]
     listen: Option<ListenAddr>,
 
     /// Where to serve /healthz, /readyz and /metrics (`host:port`).
@@ -108,10 +109,6 @@ struct LoginArgs {
     /// The Secret's name, with --print-secret.
     #[arg(long, value_name = "NAME", default_value = "tars-api-key")]
     secret_name: String,
-}
-
-fn parse_listen(s: &str) -> Result<ListenAddr, String> {
-    s.parse()
 }
 
 fn main() -> ExitCode {

@@ -23,7 +23,7 @@ use std::ops::Range;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::config::check_model_name;
+use crate::config::{check_model_name, NameError};
 
 /// What the gateway needs from a request body.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub enum BodyError {
     #[error("The request body has a field {0:?} that some providers read as `model`; send exactly one field spelled `model`.")]
     ModelSpelling(String),
     #[error("The `model` field {0}.")]
-    InvalidModel(String),
+    InvalidModel(#[source] NameError),
     #[error("The request body has more than one `{0}` field; send it once.")]
     DuplicateField(&'static str),
     #[error("The request body has a field {key:?} that some providers read as `{field}`; spell it `{field}`.")]

@@ -25,7 +25,7 @@ fn invalid_config_stops_the_start_naming_field_and_place() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
-        "backends:\n  - name: tars\n    url: ftp://nowhere\n    api_key_file: k\nmodels:\n  - {name: m, backend: ghost}\n",
+        "backends:\n  - name: tars\n    url: https://h\n    api_key_file: k\n  - {name: tars, url: 'http://h2', api_key_file: k}\nmodels:\n  - {name: m, backend: ghost}\n",
     )
     .unwrap();
     let bad = bad.to_str().unwrap();
@@ -33,9 +33,24 @@ fn invalid_config_stops_the_start_naming_field_and_place() {
         let (code, _, stderr) = run(&args);
         assert_eq!(code, 1, "{stderr}");
         assert!(stderr.contains(bad), "{stderr}");
-        assert!(stderr.contains("backends[0].url"), "{stderr}");
+        // Every problem at once.
+        assert!(stderr.contains("backends[1].name"), "{stderr}");
         assert!(stderr.contains("models[0].backend"), "{stderr}");
     }
+
+    // A value of the wrong form: its field and line.
+    let url = dir.path().join("url.yaml");
+    std::fs::write(
+        &url,
+        "backends:\n  - name: tars\n    url: ftp://nowhere\n    api_key_file: k\nmodels: [{name: m, backend: tars}]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["--config", url.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("backends[0].url") && stderr.contains("ftp") && stderr.contains("line 2"),
+        "{stderr}"
+    );
 
     let typo = dir.path().join("typo.yaml");
     std::fs::write(&typo, "backends: []\nmodels: []\nlimts: {}\n").unwrap();

@@ -1,0 +1,135 @@
+//! What serde cannot check: names, references from models to backends,
+//! duplicates, bounds, and the rules between fields (TCP needs a secret or
+//! TLS). Every problem is reported at once, with its field path, so an
+//! operator fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::names::{check_backend_name, check_dns_name, check_model_name};
+use super::{Config, ListenAddr, Problem, MAX_REQUEST_BODY_BYTES_CEILING};
+
+impl Config {
+    /// Every problem serde cannot see, each with its field path.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |field: String, message: String| problems.push(Problem { field, message });
+
+        if self.backends.is_empty() {
+            report("backends".into(), "at least one backend is required".into());
+        }
+        let mut backend_names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let at = |f: &str| format!("backends[{i}].{f}");
+            if let Err(e) = check_backend_name(&b.name) {
+                report(at("name"), e.to_string());
+            } else if !backend_names.insert(b.name.as_str()) {
+                report(at("name"), format!("duplicate backend name {:?}", b.name));
+            }
+            if b.api_key_file.as_os_str().is_empty() {
+                report(
+                    at("api_key_file"),
+                    "must name the file holding the key".into(),
+                );
+            }
+            if b.connect_timeout.is_zero() {
+                report(at("connect_timeout"), "must be more than 0".into());
+            }
+        }
+
+        if self.models.is_empty() {
+            report(
+                "models".into(),
+                "at least one model rule is required".into(),
+            );
+        }
+        let mut model_names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = |f: &str| format!("models[{i}].{f}");
+            if let Err(e) = check_model_name(&m.name) {
+                report(at("name"), e.to_string());
+            } else if !model_names.insert(m.name.as_str()) {
+                report(
+                    at("name"),
+                    format!(
+                        "duplicate model rule {:?}: only the first would ever match",
+                        m.name
+                    ),
+                );
+            }
+            if !self.backends.iter().any(|b| b.name == m.backend) {
+                report(
+                    at("backend"),
+                    format!("no backend named {:?} in `backends`", m.backend),
+                );
+            }
+            if let Some(up) = &m.upstream_model {
+                if let Err(e) = check_model_name(up) {
+                    report(at("upstream_model"), e.to_string());
+                } else if up.contains('*') {
+                    report(
+                        at("upstream_model"),
+                        "must be a model name, not a glob".into(),
+                    );
+                }
+            }
+        }
+
+        let body = self.limits.max_request_body_bytes;
+        if !(1024..=MAX_REQUEST_BODY_BYTES_CEILING).contains(&body) {
+            report(
+                "limits.max_request_body_bytes".into(),
+                format!("{body} is outside 1024..={MAX_REQUEST_BODY_BYTES_CEILING}"),
+            );
+        }
+        if self.extproc.message_timeout.is_some_and(|t| t.is_zero()) {
+            report(
+                "extproc.message_timeout".into(),
+                "must be more than 0".into(),
+            );
+        }
+        if let Some(ck) = &self.client_keys {
+            if ck.file.as_os_str().is_empty() {
+                report(
+                    "client_keys.file".into(),
+                    "must name the client keys file".into(),
+                );
+            }
+        }
+        if self.watch.poll_interval < Duration::from_millis(50) {
+            report("watch.poll_interval".into(), "must be at least 50ms".into());
+        }
+        if let ListenAddr::Tcp(a) = &self.extproc.listen {
+            if a.port() != 0
+                && a.port() == self.admin.listen.port()
+                && a.ip() == self.admin.listen.ip()
+            {
+                report(
+                    "admin.listen".into(),
+                    "must differ from extproc.listen".into(),
+                );
+            }
+            if self.extproc.secret_file.is_none() && self.extproc.tls.is_none() {
+                report(
+                    "extproc.listen".into(),
+                    format!(
+                        "TCP ({a}) lets anyone who reaches the port ask for the provider keys: \
+                         set extproc.secret_file (a shared secret Envoy presents on every stream) \
+                         or extproc.tls (mutual TLS), or listen on a Unix socket (unix:/path)"
+                    ),
+                );
+            }
+        } else if self.extproc.tls.is_some() {
+            report(
+                "extproc.tls".into(),
+                "TLS applies to TCP only; a Unix socket is guarded by its file mode".into(),
+            );
+        }
+        if let Some(tls) = &self.extproc.tls {
+            if let Err(e) = check_dns_name(&tls.server_name) {
+                report("extproc.tls.server_name".into(), e.to_string());
+            }
+        }
+        problems
+    }
+}
