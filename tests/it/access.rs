@@ -12,16 +12,11 @@ fn keys_file(extra: &str) -> String {
     )
 }
 
-async fn gateway(up: &FakeUpstream, dir: &std::path::Path) -> Gateway {
-    let file = dir.join("client-keys.yaml");
-    std::fs::write(&file, keys_file("")).unwrap();
+async fn gateway(up: &FakeUpstream) -> Gateway {
     Gateway::builder()
         .backend("tars", &up.url(), Some("sk-provider"))
         .model("*", "tars")
-        .extra_yaml(&format!(
-            "client_keys: {{file: {:?}}}\n",
-            file.display().to_string()
-        ))
+        .client_keys(&keys_file(""))
         .start()
         .await
 }
@@ -29,8 +24,7 @@ async fn gateway(up: &FakeUpstream, dir: &std::path::Path) -> Gateway {
 #[tokio::test(flavor = "multi_thread")]
 async fn only_gateway_keys_spend_the_provider_key() {
     let up = FakeUpstream::start("tars").await;
-    let keys_dir = tempfile::tempdir().unwrap();
-    let gw = gateway(&up, keys_dir.path()).await;
+    let gw = gateway(&up).await;
     let post = |headers: Vec<(&'static str, &'static str)>, model: &'static str| {
         let gw = &gw;
         async move {
@@ -107,9 +101,8 @@ async fn only_gateway_keys_spend_the_provider_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_file_reloads_live_and_bad_files_are_refused() {
     let up = FakeUpstream::start("tars").await;
-    let keys_dir = tempfile::tempdir().unwrap();
-    let gw = gateway(&up, keys_dir.path()).await;
-    let file = keys_dir.path().join("client-keys.yaml");
+    let gw = gateway(&up).await;
+    let file = gw.client_keys_file();
     let with = |key: &'static str| {
         let gw = &gw;
         async move {

@@ -64,11 +64,7 @@ fn shipped_bootstraps_are_what_envoy_config_renders_and_envoy_accepts() {
             .arg(repo_root().join(bootstrap))
             .output()
             .unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let all = output_text(&out);
         assert!(
             out.status.success() && all.contains("OK"),
             "{bootstrap}: {all}"
@@ -111,11 +107,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
             .current_dir(repo_root())
             .output()
             .unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let all = output_text(&out);
         assert!(out.status.success(), "Kubernetes {version}:\n{all}");
         assert_eq!(
             all.matches("passed for resource").count(),
@@ -513,4 +505,13 @@ async fn compose_sidecar_command_runs_against_its_bind_mounts() {
         .terminate(Duration::from_secs(10))
         .expect("no exit")
         .success());
+}
+
+/// What a finished command printed, stdout then stderr.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

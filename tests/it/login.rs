@@ -117,6 +117,16 @@ struct Login {
 }
 
 impl Login {
+    /// `login --key-file <file> --auth-url <auth>`, the common case.
+    fn to_key_file(key_file: &std::path::Path, auth_url: &str) -> Self {
+        Self::start(&[
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--auth-url",
+            auth_url,
+        ])
+    }
+
     fn start(args: &[&str]) -> Self {
         let mut cmd = Command::new(extproc_bin());
         cmd.arg("login")
@@ -195,12 +205,7 @@ async fn login_hands_a_new_key_to_the_running_gateway() {
     let key_file = gw.key_file("tars");
     let auth = fake_auth(Mode::Normal).await;
 
-    let mut login = Login::start(&[
-        "--key-file",
-        key_file.to_str().unwrap(),
-        "--auth-url",
-        &auth.url,
-    ]);
+    let mut login = Login::to_key_file(&key_file, &auth.url);
     let url = login.url();
     assert!(url.starts_with(&format!("{}/auth?", auth.url)), "{url}");
     let (status, page) = browse(&url).await;
@@ -280,12 +285,7 @@ async fn failures_exit_1_and_leave_the_old_key() {
 async fn a_callback_with_another_state_is_refused() {
     let (_dir, key_file) = old_key_file();
     let auth = fake_auth(Mode::Normal).await;
-    let mut login = Login::start(&[
-        "--key-file",
-        key_file.to_str().unwrap(),
-        "--auth-url",
-        &auth.url,
-    ]);
+    let mut login = Login::to_key_file(&key_file, &auth.url);
     let url = login.url();
     // Someone else's code, sent to our callback without our state.
     let callback = url::Url::parse(&url)

@@ -157,20 +157,10 @@ async fn tcp_streams_without_the_secret_get_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_order_streams_get_an_error_never_the_key() {
     let up = FakeUpstream::start("tars").await;
-    let keys_dir = tempfile::tempdir().unwrap();
-    let keys = keys_dir.path().join("client-keys.yaml");
-    std::fs::write(
-        &keys,
-        "keys:\n  - {name: team, key: gw-team-0123456789abcdef}\n",
-    )
-    .unwrap();
     let gw = Gateway::builder()
         .backend("tars", &up.url(), Some("sk-provider-order"))
         .model("*", "tars")
-        .extra_yaml(&format!(
-            "client_keys: {{file: {:?}}}\n",
-            keys.display().to_string()
-        ))
+        .client_keys("keys:\n  - {name: team, key: gw-team-0123456789abcdef}\n")
         .start()
         .await;
     let routable_body = || body(&chat("gpt-4o-mini").to_string(), true);
@@ -339,22 +329,14 @@ async fn mutual_tls_serves_envoy_and_refuses_everyone_else() {
 #[tokio::test(flavor = "multi_thread")]
 async fn differently_spelled_model_keys_are_refused() {
     let up = FakeUpstream::start("tars").await;
-    let keys_dir = tempfile::tempdir().unwrap();
-    let keys = keys_dir.path().join("client-keys.yaml");
-    std::fs::write(
-        &keys,
-        "keys:\n  - {name: cheap, key: gw-cheap-0123456789abcdef, models: [gpt-4o-mini, fast]}\n",
-    )
-    .unwrap();
     let gw = Gateway::builder()
         .backend("tars", &up.url(), Some("sk-provider"))
         .model("gpt-4o-mini", "tars")
         .model_renamed("fast", "tars", "gpt-4o-mini-2024-07-18")
         .model("*", "tars")
-        .extra_yaml(&format!(
-            "client_keys: {{file: {:?}}}\n",
-            keys.display().to_string()
-        ))
+        .client_keys(
+            "keys:\n  - {name: cheap, key: gw-cheap-0123456789abcdef, models: [gpt-4o-mini, fast]}\n",
+        )
         .start()
         .await;
     let key = [("authorization", "Bearer gw-cheap-0123456789abcdef")];
@@ -441,22 +423,14 @@ async fn keys_files_that_would_let_anyone_in_are_refused() {
 
     // Running: the same entry in a reload is refused; the keys in force stay.
     let up = FakeUpstream::start("tars").await;
-    std::fs::write(
-        &keys,
-        "keys:\n  - {name: ok, key: gw-ok-0123456789abcdef}\n",
-    )
-    .unwrap();
     let gw = Gateway::builder()
         .backend("tars", &up.url(), Some("sk-provider"))
         .model("*", "tars")
-        .extra_yaml(&format!(
-            "client_keys: {{file: {:?}}}\n",
-            keys.display().to_string()
-        ))
+        .client_keys("keys:\n  - {name: ok, key: gw-ok-0123456789abcdef}\n")
         .start()
         .await;
     rename_key(
-        &keys,
+        &gw.client_keys_file(),
         &format!("keys:\n  - {{name: ci, sha256: {empty_digest}}}\n"),
     );
     gw.wait_for_log(&["client keys reload refused", "digest of the empty string"]);

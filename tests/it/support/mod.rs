@@ -174,6 +174,8 @@ pub struct GatewayBuilder {
     tcp_auth: Option<String>,
     /// Further `extproc` fields, e.g. `socket_mode: "0660"`.
     extproc_options: Vec<String>,
+    /// The client keys file's content, when clients must present keys.
+    client_keys: Option<String>,
     args: Vec<String>,
 }
 
@@ -186,6 +188,7 @@ impl Default for GatewayBuilder {
             layout: KeyLayout::File,
             tcp_auth: None,
             extproc_options: Vec::new(),
+            client_keys: None,
             args: vec!["--log-level".into(), "trace".into()],
         }
     }
@@ -255,6 +258,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Clients must present keys: `keys_yaml` is the client keys file.
+    pub fn client_keys(mut self, keys_yaml: &str) -> Self {
+        self.client_keys = Some(keys_yaml.to_string());
+        self
+    }
+
     /// A further field of the `extproc` section, e.g. `socket_mode: "0660"`.
     pub fn extproc_option(mut self, option: &str) -> Self {
         self.extproc_options.push(option.to_string());
@@ -310,6 +319,15 @@ impl GatewayBuilder {
         yaml.push_str("models:\n");
         for m in &self.models {
             yaml.push_str(m);
+        }
+        let client_keys_file = root.join("client-keys").join("keys.yaml");
+        if let Some(keys) = &self.client_keys {
+            fs::create_dir_all(client_keys_file.parent().unwrap()).unwrap();
+            fs::write(&client_keys_file, keys).unwrap();
+            yaml.push_str(&format!(
+                "client_keys: {{file: {:?}}}\n",
+                client_keys_file.display().to_string()
+            ));
         }
         yaml.push_str(&self.extra);
         let config_path = root.join("gateway.yaml");
@@ -394,6 +412,11 @@ impl Gateway {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The client keys file (with `client_keys`).
+    pub fn client_keys_file(&self) -> PathBuf {
+        self.dir().join("client-keys").join("keys.yaml")
     }
 
     /// The processor's Unix socket (unless it serves TCP).
