@@ -11,6 +11,7 @@
 //!     models: ["gpt-4o-mini", "claude-*"]   # globs; absent: every model
 //!   - name: alice
 //!     key: gw-alice-3c1f0b2e9d5a   # or the key itself; hashed at load
+//!     limits: {requests_per_minute: 60, usd_per_day: 20}   # see `spend`
 //! ```
 //!
 //! Only digests are kept in memory. A presented key is hashed and compared
@@ -31,6 +32,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::config::{check_backend_name, Limits, NameError};
 use crate::regular_file::ReadError;
 use crate::routes::glob_match;
 use crate::watched_file::{self, Reload};
@@ -48,10 +50,14 @@ const EMPTY_DIGEST: [u8; 32] = [
 /// One client key, as kept in memory.
 #[derive(Debug)]
 pub struct ClientKey {
+    /// Shown in logs and metrics, and the key's name in the spend store
+    /// (never the key or its digest).
     pub name: String,
     digest: [u8; 32],
     /// Model globs this key may use; empty: all.
     models: Vec<String>,
+    /// Its budgets and rate limits; empty: none.
+    pub limits: Limits,
 }
 
 impl ClientKey {
@@ -77,6 +83,12 @@ pub enum EntryProblem {
     EmptyDigest,
     #[error("the key is shorter than {MIN_KEY_LEN} characters")]
     TooShort,
+    #[error("the name {0}")]
+    Name(NameError),
+    #[error("limits.{0}: {1}")]
+    Limit(&'static str, String),
+    #[error("the name is used by an earlier entry")]
+    DuplicateName,
 }
 
 /// Why a keys file cannot be used. Never contains a key.
@@ -124,6 +136,8 @@ struct Entry {
     key: Option<String>,
     #[serde(default)]
     models: Vec<String>,
+    #[serde(default)]
+    limits: Limits,
 }
 
 impl ClientKeySet {
@@ -143,18 +157,28 @@ impl ClientKeySet {
                 path: path.to_path_buf(),
                 line: e.location().map(|l| (l.line(), l.column())),
             })?;
-        let mut keys = Vec::with_capacity(file.keys.len());
+        let mut keys: Vec<Arc<ClientKey>> = Vec::with_capacity(file.keys.len());
         for (index, e) in file.keys.into_iter().enumerate() {
-            let digest = entry_digest(&e).map_err(|problem| ClientKeysError::Entry {
+            let refuse = |problem| ClientKeysError::Entry {
                 path: path.to_path_buf(),
                 index,
                 name: e.name.clone(),
                 problem,
-            })?;
+            };
+            // Names go into logs, metric labels and Redis keys.
+            check_backend_name(&e.name).map_err(|n| refuse(EntryProblem::Name(n)))?;
+            if keys.iter().any(|k| k.name == e.name) {
+                return Err(refuse(EntryProblem::DuplicateName));
+            }
+            if let Some((field, message)) = e.limits.problems().into_iter().next() {
+                return Err(refuse(EntryProblem::Limit(field, message)));
+            }
+            let digest = entry_digest(&e).map_err(refuse)?;
             keys.push(Arc::new(ClientKey {
                 name: e.name,
                 digest,
                 models: e.models,
+                limits: e.limits,
             }));
         }
         Ok(Self { keys })
@@ -178,6 +202,11 @@ impl ClientKeySet {
 
     pub fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Every key of the file.
+    pub fn keys(&self) -> impl Iterator<Item = &ClientKey> {
+        self.keys.iter().map(|k| &**k)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -298,6 +327,13 @@ keys:
             ("{name: x, key: '   '}", EntryProblem::TooShort),
             ("{name: x, key: '123456789012345'}", EntryProblem::TooShort),
             ("{name: x, sha256: nothex}", EntryProblem::BadDigest),
+            (
+                "{name: x, key: gw-0123456789abcdef, limits: {requests_per_minute: 0}}",
+                EntryProblem::Limit(
+                    "requests_per_minute",
+                    "must be more than 0 (leave it out for no limit)".into(),
+                ),
+            ),
             ("{name: x}", EntryProblem::NotOneOf),
             (
                 "{name: x, key: sk-secret-1234567890, sha256: abc}",
@@ -319,6 +355,18 @@ keys:
             }
         }
         assert!(parse("keys:\n  - {name: x, key: '1234567890123456'}\n").is_ok());
+        // Names must be safe as labels and store keys, and unique.
+        for text in [
+            "keys:\n  - {name: 'a b', key: gw-0123456789abcdef}\n",
+            "keys:\n  - {name: '*', key: gw-0123456789abcdef}\n",
+            "keys:\n  - {name: a, key: gw-0123456789abcdef}\n  - {name: a, key: gw-fedcba9876543210}\n",
+        ] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        let limited = parse("keys:\n  - {name: t, key: gw-0123456789abcdef, limits: {requests_per_minute: 60, usd_per_day: 2.5}}\n").unwrap();
+        let t = limited.authorize(b"gw-0123456789abcdef").unwrap();
+        assert_eq!(t.limits.requests_per_minute, Some(60));
+        assert_eq!(t.limits.usd_per_day, Some(2.5));
     }
 
     #[test]

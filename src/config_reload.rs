@@ -41,6 +41,7 @@ impl Reload for ConfigReload {
         let snapshot = Snapshot::new(config);
         let (models, backends) = (snapshot.config.models.len(), snapshot.config.backends.len());
         self.key_sources.update(snapshot.key_sources()).await;
+        self.state.spend.reconfigure(&snapshot.config.spend);
         self.state.replace(snapshot);
         self.state.metrics.config_reloaded(true);
         tracing::info!(backends, models, "configuration reloaded");

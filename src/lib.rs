@@ -16,6 +16,7 @@
 //! - [`watched_file`]: the reloader of the config and client keys files;
 //! - [`config_reload`]: configuration hot reload;
 //! - [`state`]: the immutable snapshot the data path reads;
+//! - [`spend`]: budgets and rate limits, reserved before admission;
 //! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
 //! - [`extproc`]: the gRPC service and the per-request state machine;
 //! - [`envoy_config`]: the Envoy bootstrap rendered from the same config;
@@ -38,6 +39,7 @@ pub mod provider_keys;
 pub mod regular_file;
 pub mod routes;
 pub mod shutdown;
+pub mod spend;
 pub mod state;
 pub mod watch;
 pub mod watched_file;

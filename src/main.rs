@@ -22,6 +22,8 @@ use ai_gateway_extproc::logging::{self, LogFormat};
 use ai_gateway_extproc::login::{LoginOptions, Output};
 use ai_gateway_extproc::metrics::Metrics;
 use ai_gateway_extproc::provider_keys::{ProviderKeyWatcher, ProviderKeys};
+use ai_gateway_extproc::spend::prices::PriceRefresher;
+use ai_gateway_extproc::spend::Spend;
 use ai_gateway_extproc::state::{GatewayState, Snapshot};
 use ai_gateway_extproc::watched_file::WatchedFile;
 use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
@@ -227,11 +229,15 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     if let Some(file) = &client_keys_file {
         client_keys.replace(Some(ClientKeySet::load(file)?));
     }
+    let spend = Spend::new(&snapshot.config.spend, Arc::clone(&metrics))
+        .context("cannot set up the spend store")?;
+    let spend_store = snapshot.config.spend.store.to_string();
     let state = Arc::new(GatewayState::new(
         snapshot,
         provider_keys,
         metrics,
         Arc::clone(&client_keys),
+        spend,
     ));
 
     let extproc = ExtProcListener::bind(&state.snapshot().config.extproc).await?;
@@ -261,6 +267,7 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         config = %config_path.display(),
         backends = %backend_names.join(","),
         models,
+        spend_store = %spend_store,
         "ai-gateway-extproc started with {backends} backend(s) and {models} model rule(s)"
     );
 
@@ -272,6 +279,12 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         key_sources,
     };
     tokio::spawn(WatchedFile::new(config_path, poll_interval).run(config_reload, stop_rx.clone()));
+    tokio::spawn(
+        PriceRefresher {
+            state: Arc::clone(&state),
+        }
+        .run(stop_rx.clone()),
+    );
     if let Some(file) = client_keys_file {
         let reload = ClientKeysReload { keys: client_keys };
         tokio::spawn(WatchedFile::new(file, poll_interval).run(reload, stop_rx.clone()));

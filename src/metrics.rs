@@ -77,6 +77,16 @@ pub struct Metrics {
     key_read_failing: IntGaugeVec,
     /// Configuration reloads by result.
     config_reloads: IntCounterVec,
+    /// Dollars spent, by key, backend and model.
+    spend_usd: GaugeVec,
+    /// Requests refused by a limit, by key (`*`: the gateway's) and limit.
+    limit_rejections: IntCounterVec,
+    /// What is left of each limit in its window, by key and limit.
+    budget_remaining: GaugeVec,
+    /// Failed calls to the counter store.
+    spend_store_errors: prometheus::IntCounter,
+    /// Reported input tokens / estimated input tokens.
+    token_estimate_ratio: prometheus::Histogram,
     /// Keeps model label values bounded.
     models: ModelLabels,
 }
@@ -249,6 +259,43 @@ impl Metrics {
                 "Configuration reloads by result.",
                 &["result"],
             )?,
+            spend_usd: gauge(
+                &r,
+                "ai_gateway_spend_usd_total",
+                "US dollars spent, as the prices in force value the reported usage (or the reservation, when usage is unknown), by key, backend and model.",
+                &["key", "backend", "model"],
+            )?,
+            limit_rejections: counter(
+                &r,
+                "ai_gateway_limit_rejections_total",
+                "Requests refused by a budget or rate limit, by key (* for the gateway's own limits) and limit.",
+                &["key", "limit"],
+            )?,
+            budget_remaining: gauge(
+                &r,
+                "ai_gateway_budget_remaining",
+                "What is left of a limit in its current window (requests, tokens or US dollars), as of the key's last request.",
+                &["key", "limit"],
+            )?,
+            spend_store_errors: {
+                let c = prometheus::IntCounter::new(
+                    "ai_gateway_spend_store_errors_total",
+                    "Calls to the spend counter store that failed or timed out.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            token_estimate_ratio: {
+                let h = prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ai_gateway_token_estimate_ratio",
+                        "Reported input tokens divided by the gateway's estimate at admission (below 1: the estimate was high).",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0]),
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
             models: ModelLabels::new(MODEL_LABEL_BUDGET),
             registry: r,
         };
@@ -334,6 +381,40 @@ impl Metrics {
                     .observe(n as f64);
             }
         }
+    }
+
+    /// Dollars a request cost.
+    pub fn spent_usd(&self, key: &str, backend: &str, model: &str, usd: f64) {
+        let model = self.models.label(model);
+        self.spend_usd
+            .with_label_values(&[key, backend, model])
+            .add(usd);
+    }
+
+    /// A request refused by a limit.
+    pub fn limit_rejection(&self, key: &str, limit: crate::spend::limits::LimitKind) {
+        self.limit_rejections
+            .with_label_values(&[key, limit.label()])
+            .inc();
+    }
+
+    /// What is left of a limit, in its unit (dollars for `usd_per_day`).
+    pub fn budget_remaining(&self, key: &str, limit: crate::spend::limits::LimitKind, left: i64) {
+        let value = match limit.measure() {
+            crate::spend::limits::Measure::NanoUsd => crate::spend::limits::nano_to_usd(left),
+            _ => left as f64,
+        };
+        self.budget_remaining
+            .with_label_values(&[key, limit.label()])
+            .set(value);
+    }
+
+    pub fn spend_store_error(&self) {
+        self.spend_store_errors.inc();
+    }
+
+    pub fn token_estimate_ratio(&self, ratio: f64) {
+        self.token_estimate_ratio.observe(ratio);
     }
 
     /// A config file version was put in force, or refused.

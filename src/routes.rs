@@ -26,6 +26,8 @@ pub struct Backend {
     /// The file its key is read from (never the key itself).
     pub api_key_file: PathBuf,
     pub url: BackendUrl,
+    /// The CA bundle an `https` backend is checked against.
+    pub ca_file: PathBuf,
 }
 
 /// Where one model goes.
@@ -60,6 +62,7 @@ impl RouteTable {
                     name: b.name.as_str().into(),
                     api_key_file: b.api_key_file.clone(),
                     url: b.url.clone(),
+                    ca_file: b.ca_file.clone(),
                 })
             })
             .collect();

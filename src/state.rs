@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::openai::models;
 use crate::provider_keys::{sources_of, KeySource, ProviderKeys};
 use crate::routes::RouteTable;
+use crate::spend::Spend;
 
 /// Everything derived from one configuration that requests need.
 pub struct Snapshot {
@@ -54,6 +55,8 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     /// Gateway keys clients must present, when the config asks for them.
     pub client_keys: Arc<ClientKeys>,
+    /// Budgets and rate limits.
+    pub spend: Spend,
 }
 
 impl GatewayState {
@@ -62,12 +65,14 @@ impl GatewayState {
         provider_keys: Arc<ProviderKeys>,
         metrics: Arc<Metrics>,
         client_keys: Arc<ClientKeys>,
+        spend: Spend,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             provider_keys,
             metrics,
             client_keys,
+            spend,
         }
     }
 

@@ -14,6 +14,7 @@
 mod backend_url;
 mod listen;
 mod names;
+mod spend;
 mod validate;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,7 +26,10 @@ use serde::Deserialize;
 pub use backend_url::{BackendUrl, UrlError};
 use listen::{de_opt_socket_addr, de_socket_addr, de_socket_mode};
 pub use listen::{parse_socket_addr, AddrError, ListenAddr};
-pub use names::{check_model_name, NameError, MAX_MODEL_NAME_LEN, RESERVED_CLUSTER_NAMES};
+pub use names::{
+    check_backend_name, check_model_name, NameError, MAX_MODEL_NAME_LEN, RESERVED_CLUSTER_NAMES,
+};
+pub use spend::{Limits, OnStoreError, PriceRule, SpendConfig, StoreConfig};
 
 /// Largest request body a client may send by default: 16 MiB. Coding agents
 /// send long contexts and base64 images; Envoy buffers the whole body once.
@@ -58,6 +62,9 @@ pub struct Config {
     /// gateway may use it.
     #[serde(default)]
     pub client_keys: Option<ClientKeysConfig>,
+    /// Budgets and rate limits, and where their counters live.
+    #[serde(default)]
+    pub spend: SpendConfig,
 }
 
 /// Where the gateway's client keys are (see `access`).

@@ -125,6 +125,44 @@ impl Config {
                 "TLS applies to TCP only; a Unix socket is guarded by its file mode".into(),
             );
         }
+        let spend = &self.spend;
+        for (field, message) in spend.limits.problems() {
+            report(format!("spend.limits.{field}"), message);
+        }
+        for (i, price) in spend.prices.iter().enumerate() {
+            let at = |f: &str| format!("spend.prices[{i}].{f}");
+            if let Err(e) = check_model_name(&price.model) {
+                report(at("model"), e.to_string());
+            }
+            for (field, value) in [
+                ("input", Some(price.input)),
+                ("output", Some(price.output)),
+                ("cached_input", price.cached_input),
+                ("cache_write", price.cache_write),
+            ] {
+                if value.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                    report(
+                        at(field),
+                        "must be a price of 0 or more (USD per 1M tokens)".into(),
+                    );
+                }
+            }
+        }
+        if spend.default_max_output_tokens == 0 {
+            report(
+                "spend.default_max_output_tokens".into(),
+                "must be more than 0".into(),
+            );
+        }
+        if spend.store_timeout.is_zero() {
+            report("spend.store_timeout".into(), "must be more than 0".into());
+        }
+        if spend.price_refresh < Duration::from_secs(10) {
+            report("spend.price_refresh".into(), "must be at least 10s".into());
+        }
+        if let Err(e) = check_backend_name(&spend.namespace) {
+            report("spend.namespace".into(), e.to_string());
+        }
         if let Some(tls) = &self.extproc.tls {
             if let Err(e) = check_dns_name(&tls.server_name) {
                 report("extproc.tls.server_name".into(), e.to_string());

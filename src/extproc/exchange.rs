@@ -30,6 +30,7 @@ use crate::openai::usage::{Observed, UsageGap};
 use crate::openai::Endpoint;
 use crate::outcome::Outcome;
 use crate::routes::Backend;
+use crate::spend::{Reservation, Settlement, SpendRequest};
 use crate::state::{GatewayState, Snapshot};
 
 /// The per-request state machine.
@@ -55,13 +56,19 @@ struct Forwarded {
     backend: Arc<Backend>,
     model: Option<Box<str>>,
     stream: bool,
+    /// What spend control reserved for it, until settled.
+    reservation: Option<Reservation>,
 }
 
 /// The gateway's own answer to a request.
 #[derive(Clone, Copy)]
 enum OwnAnswer {
-    /// An OpenAI-shaped error.
-    Refused { status: u16, code: &'static str },
+    /// An OpenAI-shaped error; `limit` when a budget or rate limit refused.
+    Refused {
+        status: u16,
+        code: &'static str,
+        limit: Option<&'static str>,
+    },
     /// Its own model list.
     Models,
 }
@@ -120,7 +127,10 @@ impl Exchange {
     /// Answers one message from Envoy: exactly one answer per message, or a
     /// gRPC error (which ends the stream; Envoy fails the request closed)
     /// for a message out of order.
-    pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
+    pub async fn on_message(
+        &mut self,
+        message: ProcessingRequest,
+    ) -> Result<ProcessingResponse, Status> {
         let started = Instant::now();
         let Some((kind, end_of_stream)) = kind_of(&message) else {
             return Err(Status::invalid_argument(
@@ -133,7 +143,7 @@ impl Exchange {
         }
         let answer = match message.request {
             Some(Request::RequestHeaders(h)) => self.on_request_headers(&h),
-            Some(Request::RequestBody(b)) => self.on_request_body(&b),
+            Some(Request::RequestBody(b)) => self.on_request_body(&b).await,
             Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
             Some(Request::ResponseBody(b)) => self.on_response_body(&b),
             // Trailers are never asked for, so `accept` refused them.
@@ -172,7 +182,7 @@ impl Exchange {
         }
     }
 
-    fn on_request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+    async fn on_request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
         let Some(admitted) = &self.admitted else {
             // A GET decided by its path: a body it carries is passed along
             // unread and changes nothing.
@@ -183,18 +193,45 @@ impl Exchange {
         }
         // BUFFERED: this one message is the whole body (its `end_of_stream`
         // is false when HTTP/2 trailers follow; see `order`).
-        match decision::decide_body(
+        let forward = match decision::decide_body(
             admitted,
             &chunk.body,
             &self.snapshot,
             &self.state.provider_keys,
         ) {
-            Ok(forward) => {
-                let changes = reply::forward(&forward);
-                self.forwarded = Some(Forwarded::from(forward));
-                reply::request_body(changes)
-            }
-            Err(e) => self.answer(Answer::Error(e)),
+            Ok(forward) => forward,
+            Err(e) => return self.answer(Answer::Error(e)),
+        };
+        // Spend control: reserve before anything reaches the provider.
+        let model = forward.model.as_deref().unwrap_or_default();
+        let request = SpendRequest {
+            key: admitted.client.as_deref(),
+            model,
+            upstream_model: forward.route.upstream_model.as_deref().unwrap_or(model),
+            backend: &forward.route.backend.name,
+            body: &chunk.body,
+            max_output_tokens: forward.max_output_tokens,
+        };
+        let reservation = match self
+            .state
+            .spend
+            .admit(&self.snapshot.config.spend, &request)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return self.answer(Answer::Error(e)),
+        };
+        let changes = reply::forward(&forward);
+        let mut forwarded = Forwarded::from(forward);
+        forwarded.reservation = reservation;
+        self.forwarded = Some(forwarded);
+        reply::request_body(changes)
+    }
+
+    /// Settles the reservation, if any, once: how the request ended.
+    fn settle(&mut self, ending: Settlement<'_>) {
+        if let Some(reservation) = self.forwarded.as_mut().and_then(|f| f.reservation.take()) {
+            self.state.spend.settle(reservation, ending);
         }
     }
 
@@ -205,6 +242,7 @@ impl Exchange {
                 OwnAnswer::Refused {
                     status: e.status,
                     code: e.code,
+                    limit: e.limit,
                 },
                 reply::error(&e),
             ),
@@ -257,6 +295,8 @@ impl Exchange {
             ended: h.end_of_stream,
         });
         if let Some(metadata) = metadata {
+            // Nothing was generated: the tokens go back, the request counts.
+            self.settle(Settlement::UpstreamFailed);
             return reply::with_metadata(reply::response_headers(Changes::default()), metadata);
         }
         if !read_body {
@@ -306,7 +346,13 @@ impl Exchange {
             }
         };
         let metadata = report::response_metadata(backend, fwd.model.as_deref(), &observed);
+        let usage = observed.usage;
         response.observed = Some(observed);
+        self.settle(if usage.is_empty() {
+            Settlement::Unknown
+        } else {
+            Settlement::Used(&usage)
+        });
         self.report();
         reply::with_metadata(reply::response_body(Changes::default()), metadata)
     }
@@ -357,10 +403,14 @@ impl Exchange {
         }
         let fwd = self.forwarded.as_ref();
         let response = self.response.as_ref();
-        let (status, error) = match self.own_answer {
-            Some(OwnAnswer::Refused { status, code }) => (Some(status), Some(code)),
-            Some(OwnAnswer::Models) => (Some(200), None),
-            None => (response.map(|r| r.status), None),
+        let (status, error, limit) = match self.own_answer {
+            Some(OwnAnswer::Refused {
+                status,
+                code,
+                limit,
+            }) => (Some(status), Some(code), limit),
+            Some(OwnAnswer::Models) => (Some(200), None, None),
+            None => (response.map(|r| r.status), None, None),
         };
         report::record(
             &self.state.metrics,
@@ -385,6 +435,7 @@ impl Exchange {
                 stream: fwd.is_some_and(|f| f.stream),
                 status,
                 error,
+                limit,
                 outcome: self.outcome(),
                 observed: response.and_then(|r| r.observed.as_ref()),
                 duration: self.started.elapsed(),
@@ -402,6 +453,7 @@ impl From<Forward> for Forwarded {
             backend: f.route.backend,
             model: f.model,
             stream: f.stream,
+            reservation: None,
         }
     }
 }
@@ -410,6 +462,9 @@ impl Drop for Exchange {
     /// Envoy closes the stream when the HTTP exchange is over: what has not
     /// been reported yet is reported now, with how it ended.
     fn drop(&mut self) {
+        // Cut short (the client left, a reset): the usage is unknown, so
+        // the reservation stands as the charge.
+        self.settle(Settlement::Unknown);
         if !self.reported && self.order.started() {
             self.report();
         }

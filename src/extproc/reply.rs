@@ -149,12 +149,24 @@ pub fn immediate(
     content_type: &str,
     details: &str,
 ) -> ProcessingResponse {
+    immediate_with(status, body, content_type, &[], details)
+}
+
+fn immediate_with(
+    status: u16,
+    body: Vec<u8>,
+    content_type: &str,
+    extra: &[(String, String)],
+    details: &str,
+) -> ProcessingResponse {
+    let mut set_headers = vec![set_header("content-type", content_type.as_bytes())];
+    set_headers.extend(extra.iter().map(|(k, v)| set_header(k, v.as_bytes())));
     wrap(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus {
             code: i32::from(status),
         }),
         headers: Some(HeaderMutation {
-            set_headers: vec![set_header("content-type", content_type.as_bytes())],
+            set_headers,
             remove_headers: Vec::new(),
         }),
         body,
@@ -166,10 +178,11 @@ pub fn immediate(
 
 /// An OpenAI-shaped error answered by the gateway.
 pub fn error(e: &ApiError) -> ProcessingResponse {
-    immediate(
+    immediate_with(
         e.status,
         e.to_json(),
         "application/json",
+        &e.headers,
         &format!("ai_gateway_{}", e.code),
     )
 }

@@ -29,6 +29,8 @@ pub struct Completion<'a> {
     pub status: Option<u16>,
     /// The gateway's own error code, when it refused the request.
     pub error: Option<&'static str>,
+    /// The budget or rate limit that refused it.
+    pub limit: Option<&'static str>,
     pub outcome: Outcome,
     pub observed: Option<&'a Observed>,
     pub duration: Duration,
@@ -65,6 +67,7 @@ pub fn record(metrics: &Metrics, c: &Completion<'_>) {
         backend = c.backend.unwrap_or("-"),
         status = c.status.unwrap_or(0),
         error = c.error.unwrap_or("-"),
+        limit = c.limit.unwrap_or("-"),
         outcome = c.outcome.label(),
         stream = c.stream,
         input_tokens = usage.input,

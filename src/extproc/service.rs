@@ -1,15 +1,17 @@
 //! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service.
 //!
 //! Envoy opens one bidirectional stream per HTTP request. Each stream gets
-//! its own [`Exchange`]; since deciding never waits on I/O, the answers are
-//! produced by mapping the inbound stream in place: no task, no channel and
-//! no lock per request.
+//! its own [`Exchange`], and the answers are produced by unfolding the
+//! inbound stream in place, one message at a time: no task, no channel and
+//! no lock per request. Only an admission against a remote spend store
+//! waits on I/O, and then only that stream waits.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use futures_util::stream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -48,10 +50,18 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut exchange = Exchange::new(Arc::clone(&self.state));
-        let answers = request
-            .into_inner()
-            .map(move |message| exchange.on_message(message?));
+        let exchange = Exchange::new(Arc::clone(&self.state));
+        let inbound = request.into_inner();
+        let answers = stream::unfold(
+            (exchange, inbound),
+            |(mut exchange, mut inbound)| async move {
+                let answer = match inbound.next().await? {
+                    Ok(message) => exchange.on_message(message).await,
+                    Err(status) => Err(status),
+                };
+                Some((answer, (exchange, inbound)))
+            },
+        );
         Ok(Response::new(Box::pin(answers)))
     }
 }

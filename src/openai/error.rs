@@ -16,6 +16,12 @@ pub struct ApiError {
     /// A stable machine-readable `code`, also used as a metrics label.
     pub code: &'static str,
     pub message: String,
+    /// Response headers besides the content type (`retry-after`,
+    /// `x-ratelimit-*`).
+    pub headers: Vec<(String, String)>,
+    /// The limit that refused the request (`requests_per_minute`, ...), for
+    /// the request log line.
+    pub limit: Option<&'static str>,
 }
 
 impl ApiError {
@@ -25,7 +31,55 @@ impl ApiError {
             kind,
             code,
             message,
+            headers: Vec::new(),
+            limit: None,
         }
+    }
+
+    /// Adds a response header.
+    pub fn with_header(mut self, name: impl Into<String>, value: String) -> Self {
+        self.headers.push((name.into(), value));
+        self
+    }
+
+    /// A per-minute limit reached: `kind` is OpenAI's `requests` or
+    /// `tokens`.
+    pub fn rate_limited(kind: &'static str, limit: &'static str, message: String) -> Self {
+        Self {
+            limit: Some(limit),
+            ..Self::new(429, kind, "rate_limit_exceeded", message)
+        }
+    }
+
+    /// A daily budget spent, as OpenAI says it.
+    pub fn quota_spent(limit: &'static str, message: String) -> Self {
+        Self {
+            limit: Some(limit),
+            ..Self::new(429, "insufficient_quota", "insufficient_quota", message)
+        }
+    }
+
+    /// A model the gateway has no price for, under a budget in dollars:
+    /// never served free.
+    pub fn model_price_unknown(model: &str) -> Self {
+        Self::new(
+            403,
+            "invalid_request_error",
+            "model_price_unknown",
+            format!("The model `{model}` has no known price, and this request is under a budget in dollars; the gateway's operator can add it to `spend.prices`."),
+        )
+    }
+
+    /// The counter store cannot be reached and the gateway refuses rather
+    /// than serve unmetered (`spend.on_store_error: reject`).
+    pub fn spend_store_unavailable() -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "spend_store_unavailable",
+            "The gateway cannot check this request against its budgets right now (its counter store is unreachable); try again shortly.".into(),
+        )
+        .with_header("retry-after", "1".into())
     }
 
     pub fn invalid_body(message: String) -> Self {

@@ -8,8 +8,17 @@
 //!   `input_tokens_details.cached_tokens`, `output_tokens_details.reasoning_tokens`;
 //!   in a stream, on the `response.completed` event's `response`;
 //! - Anthropic Messages: `usage.input_tokens`, `output_tokens`,
-//!   `cache_read_input_tokens`; in a stream, input on `message_start`'s
-//!   `message` and the final output count on `message_delta`.
+//!   `cache_read_input_tokens`, `cache_creation_input_tokens`; in a stream,
+//!   input on `message_start`'s `message` and the final output count on
+//!   `message_delta`.
+//!
+//! Counted as the OpenTelemetry GenAI conventions say: input tokens include
+//! every input token, cached or not (`gen_ai.usage.input_tokens`), with the
+//! cache reads and writes as parts of it
+//! (`gen_ai.usage.cache_read.input_tokens`,
+//! `gen_ai.usage.cache_creation.input_tokens`). OpenAI's `prompt_tokens`
+//! already include cached tokens; Anthropic reports the three apart, so
+//! their sum is the input. Money depends on this (see `spend`).
 //!
 //! Only the fields named here are read; everything else is skipped.
 
@@ -21,8 +30,12 @@ pub struct TokenUsage {
     pub input: Option<u64>,
     pub output: Option<u64>,
     pub total: Option<u64>,
-    /// Input tokens served from the provider's prompt cache.
+    /// Input tokens served from the provider's prompt cache (part of
+    /// `input`).
     pub cached_input: Option<u64>,
+    /// Input tokens written to the provider's prompt cache (part of
+    /// `input`; Anthropic's `cache_creation_input_tokens`).
+    pub cache_write: Option<u64>,
     pub reasoning: Option<u64>,
 }
 
@@ -46,6 +59,7 @@ impl TokenUsage {
         self.output = later.output.or(self.output);
         self.total = later.total.or(self.total);
         self.cached_input = later.cached_input.or(self.cached_input);
+        self.cache_write = later.cache_write.or(self.cache_write);
         self.reasoning = later.reasoning.or(self.reasoning);
     }
 }
@@ -117,6 +131,7 @@ struct Usage {
     completion_tokens_details: Option<Details>,
     output_tokens_details: Option<Details>,
     cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -129,13 +144,25 @@ impl From<Usage> for TokenUsage {
     fn from(u: Usage) -> Self {
         let cached = |d: &Option<Details>| d.as_ref().and_then(|d| d.cached_tokens);
         let reasoning = |d: &Option<Details>| d.as_ref().and_then(|d| d.reasoning_tokens);
+        // Anthropic counts cache reads and writes apart from `input_tokens`.
+        let anthropic_cache =
+            u.cache_read_input_tokens.is_some() || u.cache_creation_input_tokens.is_some();
+        let input = match (u.prompt_tokens, u.input_tokens) {
+            (Some(p), _) => Some(p),
+            (None, Some(i)) if anthropic_cache => Some(
+                i.saturating_add(u.cache_read_input_tokens.unwrap_or(0))
+                    .saturating_add(u.cache_creation_input_tokens.unwrap_or(0)),
+            ),
+            (None, i) => i,
+        };
         TokenUsage {
-            input: u.prompt_tokens.or(u.input_tokens),
+            input,
             output: u.completion_tokens.or(u.output_tokens),
             total: u.total_tokens,
             cached_input: cached(&u.prompt_tokens_details)
                 .or(cached(&u.input_tokens_details))
                 .or(u.cache_read_input_tokens),
+            cache_write: u.cache_creation_input_tokens,
             reasoning: reasoning(&u.completion_tokens_details)
                 .or(reasoning(&u.output_tokens_details)),
         }
@@ -207,6 +234,7 @@ mod tests {
                 output: Some(20),
                 total: Some(120),
                 cached_input: Some(64),
+                cache_write: None,
                 reasoning: Some(8)
             }
         );
@@ -238,23 +266,39 @@ mod tests {
                 output: Some(12),
                 total: Some(42),
                 cached_input: Some(10),
+                cache_write: None,
                 reasoning: Some(4)
             }
         );
     }
 
+    /// Anthropic reports cache reads and writes apart from `input_tokens`;
+    /// the input counted is their sum, as the GenAI conventions say.
     #[test]
     fn anthropic_stream_merges_start_and_delta() {
-        let mut o = observe(br#"{"type":"message_start","message":{"model":"claude-sonnet-4","usage":{"input_tokens":25,"output_tokens":1,"cache_read_input_tokens":20}}}"#);
+        let mut o = observe(br#"{"type":"message_start","message":{"model":"claude-sonnet-4","usage":{"input_tokens":25,"output_tokens":1,"cache_read_input_tokens":20,"cache_creation_input_tokens":5}}}"#);
         o.merge(observe(
             br#"{"type":"content_block_delta","delta":{"text":"x"}}"#,
         ));
         o.merge(observe(br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#));
         assert_eq!(o.model.as_deref(), Some("claude-sonnet-4"));
-        assert_eq!(o.usage.input, Some(25));
+        assert_eq!(o.usage.input, Some(50));
         assert_eq!(o.usage.output, Some(15));
         assert_eq!(o.usage.cached_input, Some(20));
-        assert_eq!(o.usage.total(), Some(40));
+        assert_eq!(o.usage.cache_write, Some(5));
+        assert_eq!(o.usage.total(), Some(65));
+    }
+
+    /// OpenAI's prompt tokens already include the cached ones.
+    #[test]
+    fn openai_cached_tokens_are_part_of_the_input() {
+        let o = observe(br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":80}}}"#);
+        assert_eq!(
+            (o.usage.input, o.usage.cached_input, o.usage.cache_write),
+            (Some(100), Some(80), None)
+        );
+        let o = observe(br#"{"usage":{"input_tokens":30,"output_tokens":2,"input_tokens_details":{"cached_tokens":10}}}"#);
+        assert_eq!((o.usage.input, o.usage.cached_input), (Some(30), Some(10)));
     }
 
     #[test]

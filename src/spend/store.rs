@@ -1,0 +1,99 @@
+//! Where the counters live: in this process, or in Redis, shared by every
+//! replica. Either way one admission is one atomic step (all its checks
+//! pass and are charged, or none is charged), and so is one settlement.
+
+use std::sync::Arc;
+
+use super::limits::Check;
+use super::memory::MemoryStore;
+use super::redis::RedisStore;
+use crate::config::StoreConfig;
+
+/// The windows a reservation was charged in, so that its settlement
+/// corrects the same ones even after the clock moved on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowIds {
+    pub minute: u64,
+    pub day: u64,
+}
+
+/// A store's answer to a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Charged; `after[i]` is check `i`'s counter after the charge.
+    Admitted { windows: WindowIds, after: Vec<i64> },
+    /// Nothing charged: check `index` would pass its limit. `current[i]`
+    /// is check `i`'s counter; `now` is the store's Unix time.
+    Refused {
+        index: usize,
+        current: Vec<i64>,
+        now: u64,
+    },
+}
+
+/// One counter correction of a settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correction {
+    pub check: Check,
+    pub delta: i64,
+}
+
+/// Why the store could not answer. Never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the spend store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the spend store failed: {0}")]
+    Redis(String),
+}
+
+/// The counter store in force.
+pub enum SpendStore {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl SpendStore {
+    /// Builds the store `config` names. Redis connects lazily: a Redis that
+    /// is down at start is an outage like any other, not a failed start.
+    pub fn new(config: &StoreConfig, namespace: &str) -> Result<Arc<Self>, StoreError> {
+        Ok(Arc::new(match config {
+            StoreConfig::Memory => Self::Memory(MemoryStore::default()),
+            StoreConfig::Redis(url) => Self::Redis(RedisStore::single(url, namespace)?),
+            StoreConfig::RedisCluster(nodes) => Self::Redis(RedisStore::cluster(nodes, namespace)?),
+        }))
+    }
+
+    /// Checks every counter against its limit and charges them all, or none.
+    pub async fn reserve(
+        &self,
+        checks: &[Check],
+        timeout: std::time::Duration,
+    ) -> Result<Verdict, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.reserve(checks)),
+            Self::Redis(r) => r.reserve(checks, timeout).await,
+        }
+    }
+
+    /// Applies `corrections` to the windows of a reservation, all at once.
+    pub async fn settle(
+        &self,
+        windows: WindowIds,
+        corrections: &[Correction],
+        timeout: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Memory(m) => {
+                m.settle(windows, corrections);
+                Ok(())
+            }
+            Self::Redis(r) => r.settle(windows, corrections, timeout).await,
+        }
+    }
+
+    /// Whether settling needs a round trip (worth a task of its own).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+}

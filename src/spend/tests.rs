@@ -1,0 +1,2 @@
+//! Spend control with the memory store: admission, refusals and their
+//! OpenAI shape, settlement.
