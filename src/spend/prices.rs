@@ -72,12 +72,15 @@ impl Price {
     }
 }
 
+/// One backend's prices, by model id.
+pub type PriceList = HashMap<String, Price>;
+
 /// Every price the gateway knows: the config's rules (passed per request,
 /// from the snapshot) over the backends' own lists.
 #[derive(Default)]
 pub struct PriceBook {
-    /// Backend name → model id → price.
-    lists: ArcSwap<HashMap<Box<str>, Arc<HashMap<String, Price>>>>,
+    /// Backend name → its list.
+    lists: ArcSwap<HashMap<Box<str>, Arc<PriceList>>>,
 }
 
 impl PriceBook {

@@ -44,9 +44,10 @@ pub struct RedisStore {
     settle: Script,
 }
 
+/// What to connect to (boxed: built once, and far apart in size).
 enum Target {
-    Single(redis::Client),
-    Cluster(ClusterClient),
+    Single(Box<redis::Client>),
+    Cluster(Box<ClusterClient>),
 }
 
 #[derive(Clone)]
@@ -64,7 +65,7 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 impl RedisStore {
     pub fn single(url: &str, namespace: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
-        Ok(Self::new(Target::Single(client), namespace))
+        Ok(Self::new(Target::Single(Box::new(client)), namespace))
     }
 
     pub fn cluster(nodes: &[String], namespace: &str) -> Result<Self, StoreError> {
@@ -72,7 +73,7 @@ impl RedisStore {
             .connection_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(redis_error)?;
-        Ok(Self::new(Target::Cluster(client), namespace))
+        Ok(Self::new(Target::Cluster(Box::new(client)), namespace))
     }
 
     fn new(target: Target, namespace: &str) -> Self {
@@ -107,7 +108,7 @@ impl RedisStore {
                         .set_response_timeout(Some(timeout))
                         .set_number_of_retries(1)
                         .set_max_delay(RECONNECT_BACKOFF);
-                    ConnectionManager::new_with_config(client.clone(), config)
+                    ConnectionManager::new_with_config((**client).clone(), config)
                         .await
                         .map(Connection::Single)
                 }

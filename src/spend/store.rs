@@ -50,7 +50,8 @@ pub enum StoreError {
 /// The counter store in force.
 pub enum SpendStore {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    /// Boxed: built once, and much larger than the memory store.
+    Redis(Box<RedisStore>),
 }
 
 impl SpendStore {
@@ -59,8 +60,10 @@ impl SpendStore {
     pub fn new(config: &StoreConfig, namespace: &str) -> Result<Arc<Self>, StoreError> {
         Ok(Arc::new(match config {
             StoreConfig::Memory => Self::Memory(MemoryStore::default()),
-            StoreConfig::Redis(url) => Self::Redis(RedisStore::single(url, namespace)?),
-            StoreConfig::RedisCluster(nodes) => Self::Redis(RedisStore::cluster(nodes, namespace)?),
+            StoreConfig::Redis(url) => Self::Redis(Box::new(RedisStore::single(url, namespace)?)),
+            StoreConfig::RedisCluster(nodes) => {
+                Self::Redis(Box::new(RedisStore::cluster(nodes, namespace)?))
+            }
         }))
     }
 
