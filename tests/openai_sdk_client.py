@@ -1,7 +1,10 @@
 """Drives the gateway with the official OpenAI Python SDK, as Kilo Code,
 Cline and scripts do, and prints what it saw as JSON for tests/it/openai_sdk.rs.
 
-Usage: python tests/openai_sdk_client.py BASE_URL
+Usage: python tests/openai_sdk_client.py BASE_URL [limited KEY]
+  (default) a tour: chat, stream, model list, a refused request;
+  limited KEY: requests with a gateway key until the gateway refuses one
+  with 429, and prints how the SDK saw it.
 """
 import json
 import sys
@@ -9,8 +12,33 @@ import sys
 import openai
 
 
+def limited(base_url: str, key: str) -> None:
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+    served = 0
+    for _ in range(100):
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi."}])
+            served += 1
+        except openai.RateLimitError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            print(json.dumps({
+                "served": served,
+                "error_class": type(e).__name__,
+                "status": e.status_code,
+                "code": e.code,
+                "type": body.get("type"),
+                "retry_after": e.response.headers.get("retry-after"),
+                "limit_requests": e.response.headers.get("x-ratelimit-limit-requests"),
+            }))
+            return
+    print(json.dumps({"served": served, "error_class": None}))
+
+
 def main() -> None:
     base_url = sys.argv[1]
+    if len(sys.argv) > 3 and sys.argv[2] == "limited":
+        limited(base_url, sys.argv[3])
+        return
     # The client's own key is never forwarded; any value must work.
     client = openai.OpenAI(base_url=base_url, api_key="sk-client-ignored", max_retries=0, timeout=30)
     out = {"sdk_version": openai.__version__}

@@ -21,4 +21,5 @@ mod observability;
 mod openai_sdk;
 mod routing;
 mod security;
+mod spend;
 mod streaming;

@@ -82,7 +82,8 @@ pub struct FakeUpstream {
 
 /// The model list the fake provider serves, with the extra per-model fields
 /// that TARS and some clients use; the gateway must pass them untouched.
-pub const MODEL_LIST: &str = r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"openai","context_window":128000,"max_output_tokens":16384,"input_price":0.15,"output_price":0.6,"supports_vision":true},{"id":"claude-sonnet-4-20250514","object":"model","created":1747958400,"owned_by":"anthropic","context_window":200000,"supports_reasoning":true}]}"#;
+/// Prices as TARS lists them: USD per token, as strings or numbers.
+pub const MODEL_LIST: &str = r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"openai","context_window":128000,"max_output_tokens":16384,"input_price":"0.00000015","output_price":6e-7,"cached_price":"0.000000075","supports_vision":true},{"id":"claude-sonnet-4-20250514","object":"model","created":1747958400,"owned_by":"anthropic","context_window":200000,"supports_reasoning":true}]}"#;
 
 impl FakeUpstream {
     /// Starts on an ephemeral loopback port.

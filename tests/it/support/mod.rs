@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod extproc_client;
 pub mod fake_upstream;
+pub mod redis_server;
 
 use std::fs;
 use std::os::unix::process::CommandExt;
