@@ -186,6 +186,10 @@ pub struct SpendConfig {
     /// one Redis Cluster slot.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// A file holding Redis's password (a mounted Secret), so that it need
+    /// not be written in the store URL.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SpendConfig {
@@ -199,6 +203,7 @@ impl Default for SpendConfig {
             price_refresh: default_price_refresh(),
             store_timeout: default_store_timeout(),
             namespace: default_namespace(),
+            password_file: None,
         }
     }
 }

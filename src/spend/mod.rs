@@ -93,7 +93,8 @@ pub enum Settlement<'a> {
 
 /// Spend control, shared by every request.
 pub struct Spend {
-    store: ArcSwap<(StoreConfig, Arc<SpendStore>)>,
+    /// The store in force, and the settings it was built from.
+    store: ArcSwap<(StoreSettings, Arc<SpendStore>)>,
     /// Serializes store switches (a reload), never held across an await.
     switching: Mutex<()>,
     prices: PriceBook,
@@ -104,9 +105,9 @@ pub struct Spend {
 
 impl Spend {
     pub fn new(config: &SpendConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
-        let store = SpendStore::new(&config.store, &config.namespace)?;
+        let store = SpendStore::new(config)?;
         Ok(Self {
-            store: ArcSwap::from_pointee((config.store.clone(), store)),
+            store: ArcSwap::from_pointee((StoreSettings::of(config), store)),
             switching: Mutex::new(()),
             prices: PriceBook::default(),
             metrics,
@@ -119,13 +120,14 @@ impl Spend {
     /// prices are read per request and need nothing here.
     pub fn reconfigure(&self, config: &SpendConfig) {
         let _one_at_a_time = self.switching.lock().unwrap_or_else(|p| p.into_inner());
-        if self.store.load().0 == config.store {
+        let settings = StoreSettings::of(config);
+        if self.store.load().0 == settings {
             return;
         }
-        match SpendStore::new(&config.store, &config.namespace) {
+        match SpendStore::new(config) {
             Ok(store) => {
                 tracing::info!(store = %config.store, "spend store switched");
-                self.store.store(Arc::new((config.store.clone(), store)));
+                self.store.store(Arc::new((settings, store)));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot use the new spend store; the old one stays")
@@ -331,6 +333,24 @@ impl Spend {
         match on_error {
             OnStoreError::Reject => Err(ApiError::spend_store_unavailable()),
             OnStoreError::Admit => Ok(None),
+        }
+    }
+}
+
+/// What a store is built from: a change of any of these builds a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoreSettings {
+    store: StoreConfig,
+    namespace: String,
+    password_file: Option<std::path::PathBuf>,
+}
+
+impl StoreSettings {
+    fn of(config: &SpendConfig) -> Self {
+        Self {
+            store: config.store.clone(),
+            namespace: config.namespace.clone(),
+            password_file: config.password_file.clone(),
         }
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Script, ScriptInvocation, Value};
+use redis::{IntoConnectionInfo, Script, ScriptInvocation, Value};
 use tokio::sync::OnceCell;
 
 use super::limits::{Check, Window};
@@ -63,16 +63,31 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    pub fn single(url: &str, namespace: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_error)?;
+    pub fn single(
+        url: &str,
+        namespace: &str,
+        password: Option<String>,
+    ) -> Result<Self, StoreError> {
+        let mut info = url.into_connection_info().map_err(redis_error)?;
+        if let Some(password) = password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(redis_error)?;
         Ok(Self::new(Target::Single(Box::new(client)), namespace))
     }
 
-    pub fn cluster(nodes: &[String], namespace: &str) -> Result<Self, StoreError> {
-        let client = ClusterClient::builder(nodes.iter().map(String::as_str))
-            .connection_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(redis_error)?;
+    pub fn cluster(
+        nodes: &[String],
+        namespace: &str,
+        password: Option<String>,
+    ) -> Result<Self, StoreError> {
+        let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(CONNECT_TIMEOUT);
+        if let Some(password) = password {
+            builder = builder.password(password);
+        }
+        let client = builder.build().map_err(redis_error)?;
         Ok(Self::new(Target::Cluster(Box::new(client)), namespace))
     }
 

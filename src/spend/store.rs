@@ -7,7 +7,8 @@ use std::sync::Arc;
 use super::limits::Check;
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
-use crate::config::StoreConfig;
+use crate::config::{SpendConfig, StoreConfig};
+use crate::regular_file;
 
 /// The windows a reservation was charged in, so that its settlement
 /// corrects the same ones even after the clock moved on.
@@ -45,6 +46,8 @@ pub enum StoreError {
     Timeout(std::time::Duration),
     #[error("the spend store failed: {0}")]
     Redis(String),
+    #[error("cannot read spend.password_file {path}: {reason}")]
+    Password { path: String, reason: String },
 }
 
 /// The counter store in force.
@@ -57,12 +60,19 @@ pub enum SpendStore {
 impl SpendStore {
     /// Builds the store `config` names. Redis connects lazily: a Redis that
     /// is down at start is an outage like any other, not a failed start.
-    pub fn new(config: &StoreConfig, namespace: &str) -> Result<Arc<Self>, StoreError> {
-        Ok(Arc::new(match config {
+    pub fn new(config: &SpendConfig) -> Result<Arc<Self>, StoreError> {
+        let password = match (&config.store, &config.password_file) {
+            (StoreConfig::Memory, _) | (_, None) => None,
+            (_, Some(path)) => Some(read_password(path)?),
+        };
+        let namespace = &config.namespace;
+        Ok(Arc::new(match &config.store {
             StoreConfig::Memory => Self::Memory(MemoryStore::default()),
-            StoreConfig::Redis(url) => Self::Redis(Box::new(RedisStore::single(url, namespace)?)),
+            StoreConfig::Redis(url) => {
+                Self::Redis(Box::new(RedisStore::single(url, namespace, password)?))
+            }
             StoreConfig::RedisCluster(nodes) => {
-                Self::Redis(Box::new(RedisStore::cluster(nodes, namespace)?))
+                Self::Redis(Box::new(RedisStore::cluster(nodes, namespace, password)?))
             }
         }))
     }
@@ -99,4 +109,19 @@ impl SpendStore {
     pub fn is_remote(&self) -> bool {
         matches!(self, Self::Redis(_))
     }
+}
+
+/// Reads Redis's password: the file's content, trimmed.
+fn read_password(path: &std::path::Path) -> Result<String, StoreError> {
+    let error = |reason: String| StoreError::Password {
+        path: path.display().to_string(),
+        reason,
+    };
+    let content = regular_file::read(path, 4096).map_err(|e| error(e.to_string()))?;
+    let password = String::from_utf8(content).map_err(|_| error("not UTF-8".into()))?;
+    let password = password.trim();
+    if password.is_empty() {
+        return Err(error("the file is empty".into()));
+    }
+    Ok(password.to_string())
 }

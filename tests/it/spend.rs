@@ -511,3 +511,65 @@ async fn a_stream_left_midway_keeps_its_reservation() {
         "the left stream's reservation was given back: {tpm}"
     );
 }
+
+/// A Redis with a password, read from `spend.password_file` (a mounted
+/// Secret) rather than written in the URL; a wrong one is an outage.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_with_a_password_from_a_file() {
+    let redis = RedisServer::start_with_password(Some("s3cret-redis-password"));
+    let up = FakeUpstream::start("tars").await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, "s3cret-redis-password\n").unwrap();
+    let wrong = dir.path().join("wrong-password");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let with =
+        |file: &std::path::Path| format!(", password_file: {:?}", file.display().to_string());
+    let gw = replica(
+        &up,
+        &redis.url(),
+        &keys("{requests_per_minute: 1}"),
+        &with(&password),
+    )
+    .await;
+    within_one_minute(10).await;
+    assert_eq!(post(&gw, TEAM_A, &chat("m")).await.status, 200);
+    post(&gw, TEAM_A, &chat("m"))
+        .await
+        .assert_error(429, "rate_limit_exceeded");
+    let gw = replica(
+        &up,
+        &redis.url(),
+        &keys("{requests_per_minute: 1}"),
+        &with(&wrong),
+    )
+    .await;
+    post(&gw, TEAM_A, &chat("m"))
+        .await
+        .assert_error(503, "spend_store_unavailable");
+    assert!(!gw.extproc_logs().contains("s3cret-redis-password"));
+}
+
+/// A Redis Cluster: the counters of one admission share a slot (the
+/// namespace is their hash tag), so one script checks them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_holds_the_limit() {
+    let redis = RedisServer::start_cluster();
+    let up = FakeUpstream::start("tars").await;
+    let store = format!("redis+cluster://127.0.0.1:{}", redis.port);
+    let keys = keys("{requests_per_minute: 20}");
+    let a = replica(&up, &store, &keys, "").await;
+    let b = replica(&up, &store, &keys, "").await;
+    within_one_minute(20).await;
+    let replies = burst(&[&a, &b], 60, TEAM_A, chat("gpt-4o-mini")).await;
+    assert_eq!(statuses(&replies), BTreeMap::from([(200, 20), (429, 40)]));
+    let keys_in_redis: Vec<String> = redis
+        .counters("ai-gateway")
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert!(
+        keys_in_redis.iter().all(|k| k.starts_with("{ai-gateway}:")),
+        "{keys_in_redis:?}"
+    );
+}

@@ -36,18 +36,56 @@ pub fn redis_server_bin() -> PathBuf {
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
+    password: Option<String>,
+    cluster: bool,
     process: Option<ChildGuard>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// A Redis that wants `password` (`requirepass`).
+    pub fn start_with_password(password: Option<&str>) -> Self {
         let mut server = Self {
             port: free_port(),
             dir: tempfile::Builder::new().prefix("redis").tempdir().unwrap(),
+            password: password.map(str::to_string),
+            cluster: false,
             process: None,
         };
         server.resume();
         server
+    }
+
+    /// A Redis Cluster of one node that serves every slot: a real cluster
+    /// to clients (they follow its slot map), on one process.
+    pub fn start_cluster() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::Builder::new().prefix("redis").tempdir().unwrap(),
+            password: None,
+            cluster: true,
+            process: None,
+        };
+        server.resume();
+        let mut c = server.connection().expect("cluster node not answering");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query(&mut c)
+            .expect("CLUSTER ADDSLOTSRANGE");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
+            if info.contains("cluster_state:ok") {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "cluster not ok: {info}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -74,8 +112,16 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["--requirepass", p.as_str()]),
+            );
+        if self.cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.path().join("nodes.conf"));
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         self.process = Some(ChildGuard::spawn("redis-server", cmd));
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -88,7 +134,11 @@ impl RedisServer {
     }
 
     fn connection(&self) -> Option<redis::Connection> {
-        let client = redis::Client::open(self.url()).ok()?;
+        let url = match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => self.url(),
+        };
+        let client = redis::Client::open(url).ok()?;
         let mut c = client.get_connection().ok()?;
         redis::cmd("PING").query::<String>(&mut c).ok()?;
         Some(c)
