@@ -22,6 +22,11 @@ const BOOTSTRAPS: &[(&str, &str)] = &[
         "deploy/compose/gateway-offline.yaml",
         "deploy/compose/envoy.yaml",
     ),
+    // The with-redis overlay's config: spend changes nothing in Envoy.
+    (
+        "deploy/kubernetes/with-redis/gateway.yaml",
+        "deploy/kubernetes/envoy.yaml",
+    ),
     (
         "deploy/kubernetes/gateway.yaml",
         "deploy/kubernetes/envoy.yaml",
@@ -84,6 +89,19 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     assert!(files.len() >= 2, "{files:?}");
     // Not a kustomize resource (it would overwrite the key), but shipped.
     files.push("deploy/kubernetes/secret.example.yaml".into());
+    // The with-redis overlay: the base, its Redis, its config.
+    let overlay = yaml("deploy/kubernetes/with-redis/kustomization.yaml");
+    assert_eq!(overlay["resources"][0], "../");
+    for r in overlay["resources"].as_array().unwrap().iter().skip(1) {
+        files.push(format!(
+            "deploy/kubernetes/with-redis/{}",
+            r.as_str().unwrap()
+        ));
+    }
+    assert_eq!(overlay["configMapGenerator"][0]["behavior"], "replace");
+    assert!(repo_root()
+        .join("deploy/kubernetes/with-redis/gateway.yaml")
+        .is_file());
     for generator in kustomization["configMapGenerator"].as_array().unwrap() {
         for file in generator["files"].as_array().unwrap() {
             let path = repo_root()
@@ -109,9 +127,20 @@ fn kubernetes_manifests_validate_against_the_schemas() {
             .unwrap();
         let all = output_text(&out);
         assert!(out.status.success(), "Kubernetes {version}:\n{all}");
+        // One line per resource; a file may hold several.
+        let resources: usize = files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(repo_root().join(f))
+                    .unwrap()
+                    .split("\n---")
+                    .filter(|doc| doc.contains("\nkind:") || doc.starts_with("kind:"))
+                    .count()
+            })
+            .sum();
         assert_eq!(
             all.matches("passed for resource").count(),
-            files.len(),
+            resources,
             "{all}"
         );
     }
@@ -217,6 +246,9 @@ fn compose_wires_envoy_and_the_sidecar_as_documented() {
     assert!(sidecar.is_object() && envoy.is_object(), "{services}");
     assert_eq!(envoy["image"], format!("envoyproxy/envoy:v{ENVOY_VERSION}"));
     assert_eq!(services["fake-upstream"]["profiles"][0], "offline");
+    // The spend store, on request, never published.
+    assert_eq!(services["redis"]["profiles"][0], "redis");
+    assert!(services["redis"]["ports"].is_null(), "Redis published");
 
     let volumes = |s: &Value| -> Vec<String> {
         s["volumes"]
