@@ -573,3 +573,23 @@ async fn redis_cluster_holds_the_limit() {
         "{keys_in_redis:?}"
     );
 }
+
+/// Raising a spent limit in the keys file (reloaded live) applies to the
+/// next request, and the counters stand: the window's use so far counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_limit_applies_at_once_and_keeps_the_counters() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = replica(&up, "memory", &keys("{requests_per_minute: 2}"), "").await;
+    within_one_minute(20).await;
+    for _ in 0..2 {
+        assert_eq!(post(&gw, TEAM_A, &chat("m")).await.status, 200);
+    }
+    post(&gw, TEAM_A, &chat("m")).await.assert_error(429, "rate_limit_exceeded");
+    crate::support::rename_key(&gw.client_keys_file(), &keys("{requests_per_minute: 4}"));
+    gw.wait_for_log(&["client keys reloaded"]);
+    // Two more fit under 4 (the two served still count), not three.
+    for _ in 0..2 {
+        assert_eq!(post(&gw, TEAM_A, &chat("m")).await.status, 200);
+    }
+    post(&gw, TEAM_A, &chat("m")).await.assert_error(429, "rate_limit_exceeded");
+}
