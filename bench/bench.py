@@ -155,24 +155,30 @@ http {{
     return port
 
 
-def gateway_config(workdir, upstream_port, transport, name="b"):
+def gateway_config(workdir, upstream_port, transport, name="b", extra=""):
     keys = workdir / f"keys-{name}"
     keys.mkdir(exist_ok=True)
     key = keys / "apiKey"
     key.write_text("sk-bench-0\n")
-    listen = f"unix:{workdir}/{name}.sock" if transport == "uds" else f"127.0.0.1:{free_port()}"
     conf = workdir / f"conf-{name}"
     conf.mkdir(exist_ok=True)
+    if transport == "uds":
+        extproc = f'listen: "unix:{workdir}/{name}.sock"'
+    else:
+        # TCP needs a shared secret Envoy presents on every stream.
+        secret = conf / "extproc-secret"
+        secret.write_text("bench-extproc-secret-0123456789abcdef0123\n")
+        extproc = f'listen: "127.0.0.1:{free_port()}", secret_file: "{secret}"'
     cfg = conf / "gateway.yaml"
     cfg.write_text(f"""
-extproc: {{listen: "{listen}"}}
+extproc: {{{extproc}}}
 admin: {{listen: "127.0.0.1:{free_port()}"}}
 envoy: {{listen: "127.0.0.1:{free_port()}"}}
 backends:
   - {{name: bench, url: "http://127.0.0.1:{upstream_port}", api_key_file: "{key}"}}
 models:
   - {{name: "*", backend: bench}}
-""")
+{extra}""")
     return cfg, key
 
 
@@ -295,10 +301,12 @@ def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
     return int(totals[0].split()[1]) / requests
 
 
-def oha(url, seconds, connections, body, stream=False, rate=None):
+def oha(url, seconds, connections, body, stream=False, rate=None, headers=()):
     args = [os.environ.get("OHA", "oha"), "-z", f"{seconds}s", "-c", str(connections), "--no-tui",
             "--output-format", "json", "-m", "POST", "-H", "content-type: application/json", "-d", body,
             url + "/v1/chat/completions"]
+    for h in headers:
+        args[1:1] = ["-H", h]
     if stream:
         args[1:1] = ["-H", "x-bench-stream: 1"]
     if rate:
@@ -393,6 +401,71 @@ def concurrent_streams_rss(procs, workdir, streams):
     return before, peak_rss_mib(ext.pid), sum(codes.values())
 
 
+BENCH_KEY = "gw-bench-0123456789abcdef"
+# Limits no run can reach: what is measured is their cost, not a refusal.
+BENCH_LIMITS = ("{requests_per_minute: 1000000000, tokens_per_minute: 1000000000000, "
+                "tokens_per_day: 1000000000000, usd_per_day: 1000000000}")
+
+
+def start_redis(procs, workdir):
+    port = free_port()
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    procs.start("redis", [redis, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                          "--dir", str(workdir)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("bench: redis-server did not start")
+
+
+def spend_rows(procs, workdir, up, a, alternate, rates):
+    """A key with limits against the same key without: what spend control
+    costs, with the memory store and with Redis on loopback."""
+    redis_url = start_redis(procs, workdir)
+    urls, exts = [], []
+    for name, limits, store in (("nolimits", "{}", "memory"), ("memory", BENCH_LIMITS, "memory"),
+                                ("redis", BENCH_LIMITS, redis_url)):
+        keys = workdir / f"client-keys-{name}"
+        keys.mkdir()
+        (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {limits}}}\n")
+        extra = (f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
+                 f'spend: {{store: "{store}", prices: [{{model: "*", input: 0.15, output: 0.6}}]}}\n')
+        cfg, _ = gateway_config(workdir, up, "uds", name=f"spend-{name}", extra=extra)
+        exts.append(start_extproc(procs, cfg, f"spend-{name}"))
+        urls.append(start_envoy(procs, workdir, f"spend-{name}", render(cfg)))
+    auth = (f"authorization: Bearer {BENCH_KEY}",)
+    for url in urls:
+        oha(url, 2, a.connections, CHAT, headers=auth)
+    cpu0 = [cpu_seconds(e.pid) for e in exts]
+    medians, runs = alternate(urls, body=CHAT, headers=auth)
+    cpu = [(cpu_seconds(e.pid) - c0) / sum(r["n"] for r in runs[u]) * 1e6 for e, c0, u in zip(exts, cpu0, urls)]
+    none, mem, red = medians
+    rows = [
+        ("spend (A: the same key without limits), memory store: chat throughput (req/s)", f"{none['rps']:,.0f}", f"{mem['rps']:,.0f}",
+         f"{mem['rps'] / none['rps']:.2f}", ""),
+        ("spend, Redis on loopback: chat throughput (req/s)", f"{none['rps']:,.0f}", f"{red['rps']:,.0f}",
+         f"{red['rps'] / none['rps']:.2f}", "≥ 0.9"),
+        ("spend, memory store: processor CPU per request", f"{cpu[0]:.0f} µs", f"{cpu[1]:.0f} µs",
+         f"{cpu[1] - cpu[0]:+.1f} µs", "≤ +5 µs"),
+        ("spend, Redis: processor CPU per request", f"{cpu[0]:.0f} µs", f"{cpu[2]:.0f} µs",
+         f"{cpu[2] - cpu[0]:+.1f} µs", ""),
+    ]
+    for rate in rates:
+        (none, mem, red), _ = alternate(urls, body=CHAT, rate=rate, headers=auth)
+        rows.append((f"spend, Redis: chat at {rate:,} req/s p50 / p99 (ms)", f"{none['p50']:.2f} / {none['p99']:.2f}",
+                     f"{red['p50']:.2f} / {red['p99']:.2f}", f"added {red['p50'] - none['p50']:+.2f} ms p50",
+                     "≤ +0.1 ms" if rate == 1000 else ""))
+        rows.append((f"spend, memory: chat at {rate:,} req/s p50 / p99 (ms)", f"{none['p50']:.2f} / {none['p99']:.2f}",
+                     f"{mem['p50']:.2f} / {mem['p99']:.2f}", f"added {mem['p50'] - none['p50']:+.2f} ms p50", ""))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="duration of each load run")
@@ -407,14 +480,30 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
+    ap.add_argument("--only", choices=["all", "spend"], default="all",
+                    help="spend: only the spend-control rows (a key with limits vs without)")
     a = ap.parse_args()
     rates = [int(r) for r in a.rates.split(",")]
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="aigw-bench-"))
     procs = Processes(workdir)
     rows = []
+    def median_of(runs):
+        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    def alternate(urls, **kw):
+        """Runs each URL in turn, `rounds` times; medians per URL."""
+        runs = {u: [] for u in urls}
+        for _ in range(a.rounds):
+            for u in urls:
+                runs[u].append(oha(u, a.seconds, a.connections, **kw))
+        return [median_of(runs[u]) for u in urls], runs
+
     try:
         up = start_nginx(procs, workdir)
+        if a.only == "spend":
+            rows += spend_rows(procs, workdir, up, a, alternate, [1000])
+            raise _Done
         cfg_uds, key = gateway_config(workdir, up, "uds", name="b")
         cfg_tcp, _ = gateway_config(workdir, up, "tcp", name="btcp")
         url_a = start_envoy(procs, workdir, "a", plain_envoy(render(cfg_uds)))
@@ -426,17 +515,6 @@ def main():
         # Warm-up: connections, pools, caches.
         for url in (url_a, url_b, url_t):
             oha(url, 2, a.connections, CHAT)
-
-        def median_of(runs):
-            return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-        def alternate(urls, **kw):
-            """Runs each URL in turn, `rounds` times; medians per URL."""
-            runs = {u: [] for u in urls}
-            for _ in range(a.rounds):
-                for u in urls:
-                    runs[u].append(oha(u, a.seconds, a.connections, **kw))
-            return [median_of(runs[u]) for u in urls], runs
 
         def saturate(label, stream):
             body = CHAT_STREAM if stream else CHAT
@@ -494,6 +572,7 @@ def main():
         r50, rmax = key_reload_ms(url_b, key, 20)
         rows.append(("key reload: file change → first request with the new key (20 rotations)", "",
                      f"p50 {r50:.1f} ms, max {rmax:.1f} ms", "", "p50 ≤ 100 ms, max ≤ 1 s"))
+        rows += spend_rows(procs, workdir, up, a, alternate, [1000])
         before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
@@ -506,11 +585,17 @@ def main():
                          f"A/B {ia / ib:.2f}", ""))
             rows.append(("floor: Envoy instructions per request with the null processor, same phases", f"{ia / 1000:,.0f} k",
                          f"{i_f / 1000:,.0f} k", f"A/B {ia / i_f:.2f}", ""))
+    except _Done:
+        pass
     finally:
         procs.stop_all()
 
     write_results(a, rows)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Done(Exception):
+    """A partial run (--only) is complete."""
 
 
 def version(args):
@@ -524,11 +609,15 @@ def version(args):
 def write_results(a, rows):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
-    table = ["| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |",
-             "|---|---|---|---|---|"]
+    if a.only == "spend":
+        columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
+    else:
+        columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"
+    table = [columns, "|---|---|---|---|---|"]
     table += [f"| {' | '.join(r)} |" for r in rows]
+    title = "## Latest run" if a.only == "all" else f"## Latest {a.only} run"
     text = "\n".join([
-        "## Latest run",
+        title,
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- machine: {os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, {platform.system()} {platform.release()}",
@@ -536,7 +625,7 @@ def write_results(a, rows):
         f"processor: {version([str(EXTPROC), '--version'])}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
         f"upstream: {version(['nginx', '-v']) or 'nginx'}",
         f"- command: `scripts/bench.sh --seconds {a.seconds} --rounds {a.rounds} --connections {a.connections} --rates {a.rates}"
-        f"{' --variants' if a.variants else ''}`",
+        f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}`",
         f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
         f"A and B alternate {a.rounds} times per measure and the medians are shown; "
         "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",
@@ -548,12 +637,16 @@ def write_results(a, rows):
     old = out.read_text() if out.exists() else ""
     # Keep the hand-written parts (the optimization log): replace only the
     # "Latest run" section.
-    head, sep, rest = old.partition("## Latest run")
+    head, sep, rest = old.partition(title + "\n")
     tail = ""
     if sep:
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1:] if nxt >= 0 else ""
-    else:
+    elif "## Log of measured changes" in old:
+        # A new section goes before the hand-written log.
+        head, _, rest = old.partition("## Log of measured changes")
+        tail = "## Log of measured changes" + rest
+    elif not old:
         head = "# Benchmark results\n\nProduced by `scripts/bench.sh`; ratios B/A are the headline, as absolute numbers drift between machines.\n\n"
     out.write_text(head + text + ("\n" + tail if tail else ""))
     print(text)
