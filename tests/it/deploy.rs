@@ -394,9 +394,7 @@ async fn metric_value(admin: &str, line_prefix: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    crate::support::metric(&text, line_prefix, &[])
 }
 
 /// Polls until `metric` reaches `value`, for at most one second: the reload

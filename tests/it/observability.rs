@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{chat, client, rename_key, Canned, FakeUpstream, Gateway};
+use crate::support::{chat, client, metric, rename_key, Canned, FakeUpstream, Gateway};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
@@ -14,14 +14,6 @@ fn streamed(model: &str) -> Value {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     body
-}
-
-/// The value of the first metric line starting with `prefix` and holding
-/// every one of `labels`.
-fn metric(text: &str, prefix: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(prefix) && labels.iter().all(|lab| l.contains(lab)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Waits for Envoy's access log (flushed about once a second) to hold a

@@ -575,13 +575,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
-async fn metric(gw: &Gateway, series: &str) -> Option<f64> {
-    let text = gw.admin_get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// A key file that is a FIFO (would block `open` forever) or a symlink to
 /// `/dev/zero` (reports size 0, never ends) is refused at once: the last
 /// good key stays, another backend's rotation still applies within a
@@ -625,20 +618,21 @@ async fn key_files_that_are_not_files_stall_nothing() {
     );
     assert_eq!(a.last().header("authorization"), Some("Bearer sk-a-1"));
     assert_eq!(
-        metric(&gw, r#"ai_gateway_key_read_failing{backend="a"}"#).await,
+        gw.metric(r#"ai_gateway_key_read_failing{backend="a"}"#)
+            .await,
         Some(1.0)
     );
     assert_eq!(
-        metric(&gw, r#"ai_gateway_key_read_failing{backend="b"}"#).await,
+        gw.metric(r#"ai_gateway_key_read_failing{backend="b"}"#)
+            .await,
         Some(0.0)
     );
-    assert!(metric(
-        &gw,
-        r#"ai_gateway_key_read_errors_total{backend="a",reason="not_regular"}"#
-    )
-    .await
-    .is_some_and(|n| n >= 1.0));
-    assert!(metric(&gw, r#"ai_gateway_key_age_seconds{backend="a"}"#)
+    assert!(gw
+        .metric(r#"ai_gateway_key_read_errors_total{backend="a",reason="not_regular"}"#)
+        .await
+        .is_some_and(|n| n >= 1.0));
+    assert!(gw
+        .metric(r#"ai_gateway_key_age_seconds{backend="a"}"#)
         .await
         .is_some());
 
@@ -681,7 +675,8 @@ async fn a_typo_in_api_key_file_keeps_the_working_key() {
     assert_eq!(up.last().header("authorization"), Some("Bearer sk-good"));
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
     assert_eq!(
-        metric(&gw, r#"ai_gateway_key_read_failing{backend="tars"}"#).await,
+        gw.metric(r#"ai_gateway_key_read_failing{backend="tars"}"#)
+            .await,
         Some(1.0)
     );
 
@@ -696,7 +691,8 @@ async fn a_typo_in_api_key_file_keeps_the_working_key() {
     );
     assert_eq!(up.last().header("authorization"), Some("Bearer sk-new"));
     assert_eq!(
-        metric(&gw, r#"ai_gateway_key_read_failing{backend="tars"}"#).await,
+        gw.metric(r#"ai_gateway_key_read_failing{backend="tars"}"#)
+            .await,
         Some(0.0)
     );
 }

@@ -620,6 +620,20 @@ impl Gateway {
             .expect("request to admin failed");
         Reply::read(resp).await
     }
+
+    /// The value of the processor's metric line that starts with `series`
+    /// (a name, or a name with its labels).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.admin_get("/metrics").await.text(), series, &[])
+    }
+}
+
+/// The value of the first line of Prometheus text that starts with
+/// `prefix` and holds every one of `labels`.
+pub fn metric(text: &str, prefix: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && labels.iter().all(|lab| l.contains(lab)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 impl Drop for Gateway {
