@@ -52,7 +52,7 @@ const EMPTY_DIGEST: [u8; 32] = [
 pub struct ClientKey {
     /// Shown in logs and metrics, and the key's name in the spend store
     /// (never the key or its digest).
-    pub name: String,
+    pub name: Arc<str>,
     digest: [u8; 32],
     /// Model globs this key may use; empty: all.
     models: Vec<String>,
@@ -167,7 +167,7 @@ impl ClientKeySet {
             };
             // Names go into logs, metric labels and Redis keys.
             check_backend_name(&e.name).map_err(|n| refuse(EntryProblem::Name(n)))?;
-            if keys.iter().any(|k| k.name == e.name) {
+            if keys.iter().any(|k| *k.name == *e.name) {
                 return Err(refuse(EntryProblem::DuplicateName));
             }
             if let Some((field, message)) = e.limits.problems().into_iter().next() {
@@ -175,7 +175,7 @@ impl ClientKeySet {
             }
             let digest = entry_digest(&e).map_err(refuse)?;
             keys.push(Arc::new(ClientKey {
-                name: e.name,
+                name: e.name.as_str().into(),
                 digest,
                 models: e.models,
                 limits: e.limits,
@@ -309,7 +309,7 @@ keys:
         let file = FILE.replace("DIGEST", &hex(&Sha256::digest(b"ci-3f1b9c2d7e4a8b6f")));
         let keys = parse(&file).unwrap();
         let ci = keys.authorize(b"ci-3f1b9c2d7e4a8b6f").unwrap();
-        assert_eq!(ci.name, "ci");
+        assert_eq!(&*ci.name, "ci");
         assert!(ci.allows("gpt-4o-mini") && ci.allows("claude-sonnet-4") && !ci.allows("gpt-5"));
         let alice = keys.authorize(b"gw-alice-0123456789").unwrap();
         assert!(alice.allows("anything"));

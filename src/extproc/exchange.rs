@@ -422,7 +422,7 @@ impl Exchange {
                     .admitted
                     .as_ref()
                     .and_then(|a| a.client.as_ref())
-                    .map(|c| c.name.as_str()),
+                    .map(|c| &*c.name),
                 // A request refused before it was admitted is still counted
                 // under the endpoint its path names.
                 endpoint: self

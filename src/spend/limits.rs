@@ -7,10 +7,12 @@
 //! boundary: a key may use its minute's limit at 12:00:59 and again at
 //! 12:01:00.
 
+use std::sync::Arc;
+
 use crate::config::Limits;
 
 /// One limit field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKind {
     RequestsPerMinute,
     TokensPerMinute,
@@ -19,7 +21,7 @@ pub enum LimitKind {
 }
 
 /// The window a limit counts over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     Minute,
     Day,
@@ -50,6 +52,11 @@ impl LimitKind {
             Self::TokensPerDay => "tokens_per_day",
             Self::UsdPerDay => "usd_per_day",
         }
+    }
+
+    /// Its place in [`LimitKind::ALL`], for counters kept in arrays.
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// A short name, for store fields.
@@ -124,10 +131,12 @@ pub fn nano_to_usd(nano: i64) -> f64 {
 }
 
 /// Whose counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// A gateway key, by name (never the key or its digest).
-    Key(String),
+    /// A gateway key, by name (never the key or its digest); shared with
+    /// the key itself, so that the checks of an admission allocate no
+    /// names.
+    Key(Arc<str>),
     /// All clients together.
     Gateway,
 }
@@ -184,10 +193,10 @@ impl Check {
 
 /// The checks of one admission: every counter of each scope that has a
 /// limit (a scope without any limit is not counted at all).
-pub fn checks(key: Option<(&str, &Limits)>, gateway: &Limits, charge: &Charge) -> Vec<Check> {
-    let mut out = Vec::new();
+pub fn checks(key: Option<(&Arc<str>, &Limits)>, gateway: &Limits, charge: &Charge) -> Vec<Check> {
+    let mut out = Vec::with_capacity(2 * LimitKind::ALL.len());
     let scopes = key
-        .map(|(name, limits)| (Scope::Key(name.to_string()), limits))
+        .map(|(name, limits)| (Scope::Key(Arc::clone(name)), limits))
         .into_iter()
         .chain([(Scope::Gateway, gateway)]);
     for (scope, limits) in scopes {
@@ -239,13 +248,13 @@ mod tests {
             ..Limits::default()
         };
         let none = Limits::default();
-        let c = checks(Some(("team-a", &key)), &none, &charge);
+        let c = checks(Some((&Arc::from("team-a"), &key)), &none, &charge);
         assert_eq!(c.len(), 4, "every counter of the key's scope");
         assert_eq!(c[0].field(), "k:team-a:rpm");
         assert_eq!((c[0].amount, c[0].limit), (1, Some(60)));
         assert_eq!((c[1].amount, c[1].limit), (100, None));
         assert_eq!(c[3].amount, 5);
-        assert!(checks(Some(("team-a", &none)), &none, &charge).is_empty());
+        assert!(checks(Some((&Arc::from("team-a"), &none)), &none, &charge).is_empty());
         let gateway = Limits {
             usd_per_day: Some(500.0),
             ..Limits::default()
@@ -253,6 +262,9 @@ mod tests {
         let c = checks(None, &gateway, &charge);
         assert_eq!(c[3].field(), "g:usd");
         assert_eq!(c[3].limit, Some(500_000_000_000));
-        assert_eq!(checks(Some(("t", &key)), &gateway, &charge).len(), 8);
+        assert_eq!(
+            checks(Some((&Arc::from("t"), &key)), &gateway, &charge).len(),
+            8
+        );
     }
 }

@@ -1,31 +1,81 @@
 //! The counters in this process: the embedded default, exact for one
-//! replica. One lock, held only for the few map operations of one
-//! admission or settlement (never across an await).
+//! replica. One lock, held only for the few array updates of one admission
+//! or settlement (never across an await).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::limits::{Check, Window};
-use super::store::{Correction, Verdict, WindowIds};
+use super::limits::{Check, LimitKind, Scope, Window};
+use super::store::{Delta, Verdict, WindowIds};
 
-/// Counters by window: the current and the previous one of each kind (a
-/// settlement may land just after its window ended).
+/// Every scope's counters. One map lookup per scope and step: an admission
+/// of a key under gateway limits touches two entries, whatever the number
+/// of limits.
 #[derive(Default)]
 pub struct MemoryStore {
-    windows: Mutex<HashMap<(WindowKey, u64), HashMap<String, i64>>>,
+    scopes: Mutex<HashMap<Scope, ScopeCounters>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum WindowKey {
-    Minute,
-    Day,
+/// One scope's counters, per window kind.
+#[derive(Default)]
+struct ScopeCounters {
+    minute: Windows,
+    day: Windows,
 }
 
-fn key_of(w: Window) -> WindowKey {
-    match w {
-        Window::Minute => WindowKey::Minute,
-        Window::Day => WindowKey::Day,
+/// The current window and the one before (a settlement may land just after
+/// its window ended); older ones are over and forgotten.
+#[derive(Default)]
+struct Windows {
+    current: Counts,
+    previous: Counts,
+}
+
+/// One window's counters, by [`LimitKind`] (each window kind uses its own
+/// two).
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    id: u64,
+    values: [i64; LimitKind::ALL.len()],
+}
+
+impl ScopeCounters {
+    fn windows(&mut self, window: Window) -> &mut Windows {
+        match window {
+            Window::Minute => &mut self.minute,
+            Window::Day => &mut self.day,
+        }
+    }
+}
+
+impl Windows {
+    /// Window `id`'s counters, moving on when it is newer than the current
+    /// one.
+    fn at(&mut self, id: u64) -> &mut [i64; LimitKind::ALL.len()] {
+        if id > self.current.id {
+            self.previous = if id == self.current.id + 1 {
+                self.current
+            } else {
+                Counts::default()
+            };
+            self.current = Counts {
+                id,
+                ..Counts::default()
+            };
+        }
+        &mut self.current.values
+    }
+
+    /// Window `id`'s counters, if it is still kept.
+    fn kept(&mut self, id: u64) -> Option<&mut [i64; LimitKind::ALL.len()]> {
+        if id == self.current.id {
+            Some(&mut self.current.values)
+        } else if id == self.previous.id {
+            Some(&mut self.previous.values)
+        } else {
+            None
+        }
     }
 }
 
@@ -46,30 +96,18 @@ impl MemoryStore {
             minute: Window::Minute.id(now),
             day: Window::Day.id(now),
         };
-        let id_of = |w: Window| match w {
-            Window::Minute => ids.minute,
-            Window::Day => ids.day,
-        };
         // A poisoned lock only means another thread panicked mid-update of
         // plain integers: the counters are still usable.
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        windows.retain(|(kind, id), _| match kind {
-            WindowKey::Minute => *id + 1 >= ids.minute,
-            WindowKey::Day => *id + 1 >= ids.day,
-        });
-        let fields: Vec<String> = checks.iter().map(Check::field).collect();
-        let current: Vec<i64> = checks
-            .iter()
-            .zip(&fields)
-            .map(|(check, field)| {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        // Checks come grouped by scope (`limits::checks`).
+        let mut current = Vec::with_capacity(checks.len());
+        for group in checks.chunk_by(|a, b| a.scope == b.scope) {
+            let counters = scopes.entry(group[0].scope.clone()).or_default();
+            for check in group {
                 let window = check.kind.window();
-                windows
-                    .get(&(key_of(window), id_of(window)))
-                    .and_then(|w| w.get(field))
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .collect();
+                current.push(counters.windows(window).at(ids.of(window))[check.kind.index()]);
+            }
+        }
         let refusing = checks.iter().zip(&current).position(|(check, now_at)| {
             check
                 .limit
@@ -82,16 +120,17 @@ impl MemoryStore {
                 now,
             };
         }
-        let mut after = Vec::with_capacity(checks.len());
-        for (check, field) in checks.iter().zip(fields) {
-            let window = check.kind.window();
-            let counter = windows
-                .entry((key_of(window), id_of(window)))
-                .or_default()
-                .entry(field)
-                .or_insert(0);
-            *counter = counter.saturating_add(check.amount);
-            after.push(*counter);
+        let mut after = current;
+        let mut at = 0;
+        for group in checks.chunk_by(|a, b| a.scope == b.scope) {
+            let counters = scopes.entry(group[0].scope.clone()).or_default();
+            for check in group {
+                let window = check.kind.window();
+                let counter = &mut counters.windows(window).at(ids.of(window))[check.kind.index()];
+                *counter = counter.saturating_add(check.amount);
+                after[at] = *counter;
+                at += 1;
+            }
         }
         Verdict::Admitted {
             windows: ids,
@@ -99,20 +138,19 @@ impl MemoryStore {
         }
     }
 
-    pub fn settle(&self, ids: WindowIds, corrections: &[Correction]) {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        for c in corrections {
-            let window = c.check.kind.window();
-            let id = match window {
-                Window::Minute => ids.minute,
-                Window::Day => ids.day,
+    pub fn settle(&self, ids: WindowIds, checks: &[Check], delta: Delta) {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        for group in checks.chunk_by(|a, b| a.scope == b.scope) {
+            let Some(counters) = scopes.get_mut(&group[0].scope) else {
+                continue;
             };
-            // A window gone is a window over: nothing left to correct.
-            if let Some(counter) = windows
-                .get_mut(&(key_of(window), id))
-                .and_then(|w| w.get_mut(&c.check.field()))
-            {
-                *counter = counter.saturating_add(c.delta).max(0);
+            for check in group {
+                let window = check.kind.window();
+                // A window gone is a window over: nothing left to correct.
+                if let Some(values) = counters.windows(window).kept(ids.of(window)) {
+                    let counter = &mut values[check.kind.index()];
+                    *counter = counter.saturating_add(delta.of(check.kind)).max(0);
+                }
             }
         }
     }
@@ -120,6 +158,8 @@ impl MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::super::limits::{checks, Charge};
     use super::*;
     use crate::config::Limits;
@@ -134,6 +174,14 @@ mod tests {
         }
     }
 
+    fn key_checks(limits: &Limits, tokens: i64) -> Vec<Check> {
+        checks(
+            Some((&Arc::from("t"), limits)),
+            &Limits::default(),
+            &charge(tokens),
+        )
+    }
+
     #[test]
     fn admits_up_to_the_limit_and_refuses_without_charging() {
         let store = MemoryStore::default();
@@ -142,15 +190,13 @@ mod tests {
             tokens_per_minute: Some(100),
             ..Limits::default()
         };
-        let c = checks(Some(("t", &limits)), &Limits::default(), &charge(40));
-        assert!(matches!(
-            store.reserve_at(&c, NOW),
-            Verdict::Admitted { .. }
-        ));
-        assert!(matches!(
-            store.reserve_at(&c, NOW),
-            Verdict::Admitted { .. }
-        ));
+        let c = key_checks(&limits, 40);
+        for _ in 0..2 {
+            assert!(matches!(
+                store.reserve_at(&c, NOW),
+                Verdict::Admitted { .. }
+            ));
+        }
         // The third request passes no limit: refused on requests, and the
         // token counter (80) stays untouched (all or nothing).
         let Verdict::Refused { index, current, .. } = store.reserve_at(&c, NOW) else {
@@ -160,12 +206,36 @@ mod tests {
             (c[index].kind.label(), current[index], current[1]),
             ("requests_per_minute", 2, 80)
         );
-        let big = checks(Some(("t", &limits)), &Limits::default(), &charge(30));
-        // A new minute: counters start again.
-        let Verdict::Admitted { after, .. } = store.reserve_at(&big, NOW + 60) else {
+        // A new minute: the minute's counters start again, the day's go on.
+        let Verdict::Admitted { after, .. } = store.reserve_at(&key_checks(&limits, 30), NOW + 60)
+        else {
             panic!("refused in a new minute");
         };
-        assert_eq!((after[0], after[1]), (1, 30));
+        assert_eq!((after[0], after[1], after[2]), (1, 30, 110));
+    }
+
+    #[test]
+    fn a_key_and_the_gateway_are_charged_together_or_not_at_all() {
+        let store = MemoryStore::default();
+        let key = Limits {
+            tokens_per_minute: Some(1000),
+            ..Limits::default()
+        };
+        let gateway = Limits {
+            tokens_per_day: Some(150),
+            ..Limits::default()
+        };
+        let c = checks(Some((&Arc::from("t"), &key)), &gateway, &charge(100));
+        assert!(matches!(
+            store.reserve_at(&c, NOW),
+            Verdict::Admitted { .. }
+        ));
+        // The gateway's day refuses: the key's minute is not charged.
+        let Verdict::Refused { index, current, .. } = store.reserve_at(&c, NOW) else {
+            panic!("admitted over the gateway's limit");
+        };
+        assert_eq!((c[index].kind, current[1]), (LimitKind::TokensPerDay, 100));
+        assert_eq!(c[index].scope, Scope::Gateway);
     }
 
     #[test]
@@ -175,22 +245,43 @@ mod tests {
             tokens_per_minute: Some(100),
             ..Limits::default()
         };
-        let c = checks(Some(("t", &limits)), &Limits::default(), &charge(90));
+        let c = key_checks(&limits, 90);
         let Verdict::Admitted { windows, .. } = store.reserve_at(&c, NOW) else {
             panic!()
         };
         assert!(matches!(store.reserve_at(&c, NOW), Verdict::Refused { .. }));
-        // The request used 10 of its 90: 80 come back.
+        // The request used 10 of its 90: 80 come back (and never below 0).
         store.settle(
             windows,
-            &[Correction {
-                check: c[1].clone(),
-                delta: -80,
-            }],
+            &c,
+            Delta {
+                tokens: -80,
+                nano_usd: 0,
+            },
         );
         let Verdict::Admitted { after, .. } = store.reserve_at(&c, NOW) else {
             panic!("the refund did not free the window")
         };
-        assert_eq!(after[1], 100);
+        assert_eq!((after[0], after[1]), (2, 100), "requests never move");
+        // A settlement for the minute before still lands there; one for a
+        // window long gone changes nothing.
+        let Verdict::Admitted { after, .. } = store.reserve_at(&c, NOW + 60) else {
+            panic!()
+        };
+        assert_eq!(after[1], 90);
+        let refund = Delta {
+            tokens: -1000,
+            nano_usd: 0,
+        };
+        store.settle(windows, &c, refund);
+        let old = WindowIds {
+            minute: windows.minute - 5,
+            day: windows.day,
+        };
+        store.settle(old, &c, refund);
+        let Verdict::Refused { current, .. } = store.reserve_at(&c, NOW + 60) else {
+            panic!("a refund for another window freed this one");
+        };
+        assert_eq!(current[1], 90);
     }
 }

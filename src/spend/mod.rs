@@ -37,7 +37,7 @@ use crate::openai::error::ApiError;
 use crate::openai::usage::TokenUsage;
 use limits::{nano_to_usd, Charge, Check, LimitKind, Measure, Scope};
 use prices::{Price, PriceBook};
-use store::{Correction, SpendStore, StoreError, Verdict, WindowIds};
+use store::{Delta, SpendStore, StoreError, Verdict, WindowIds};
 
 /// The request facts spend control needs.
 pub struct SpendRequest<'a> {
@@ -64,7 +64,8 @@ pub struct Reservation {
     nano_usd: i64,
     estimated_input: u64,
     price: Option<Price>,
-    key: String,
+    /// The gateway key's name; `None` when clients present no keys.
+    key: Option<Arc<str>>,
     backend: Box<str>,
     model: Box<str>,
 }
@@ -105,7 +106,7 @@ pub struct Spend {
 
 impl Spend {
     pub fn new(config: &SpendConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
-        let store = SpendStore::new(config)?;
+        let store = SpendStore::new(config, &metrics)?;
         Ok(Self {
             store: ArcSwap::from_pointee((StoreSettings::of(config), store)),
             switching: Mutex::new(()),
@@ -124,7 +125,7 @@ impl Spend {
         if self.store.load().0 == settings {
             return;
         }
-        match SpendStore::new(config) {
+        match SpendStore::new(config, &self.metrics) {
             Ok(store) => {
                 tracing::info!(store = %config.store, "spend store switched");
                 self.store.store(Arc::new((settings, store)));
@@ -157,7 +158,7 @@ impl Spend {
         config: &SpendConfig,
         request: &SpendRequest<'_>,
     ) -> Result<Option<Reservation>, ApiError> {
-        let key_limits = request.key.map(|k| (k.name.as_str(), &k.limits));
+        let key_limits = request.key.map(|k| (&k.name, &k.limits));
         let key_limited = key_limits.is_some_and(|(_, l)| !l.is_empty());
         if !key_limited && config.limits.is_empty() {
             return Ok(None);
@@ -210,9 +211,7 @@ impl Spend {
                     checks,
                     estimated_input,
                     price,
-                    key: request
-                        .key
-                        .map_or_else(|| "-".to_string(), |k| k.name.clone()),
+                    key: request.key.map(|k| Arc::clone(&k.name)),
                     backend: request.backend.into(),
                     model: request.model.into(),
                 }))
@@ -238,8 +237,7 @@ impl Spend {
     }
 
     /// Replaces a reservation by what the request really used (or gives
-    /// its tokens back). The memory store settles here and now; Redis in a
-    /// task of its own, so the response is never held up.
+    /// its tokens back). Never waits: the response is never held up.
     pub fn settle(&self, reservation: Reservation, ending: Settlement<'_>) {
         let used = match ending {
             Settlement::Used(usage) => usage.total().map(|total| (total, usage)),
@@ -263,52 +261,19 @@ impl Spend {
         };
         if reservation.price.is_some() && nano_usd > 0 {
             self.metrics.spent_usd(
-                &reservation.key,
+                reservation.key.as_deref().unwrap_or("-"),
                 &reservation.backend,
                 &reservation.model,
                 nano_to_usd(nano_usd),
             );
         }
-        let corrections: Vec<Correction> = reservation
-            .checks
-            .iter()
-            .filter_map(|check| {
-                let delta = match check.kind.measure() {
-                    Measure::Requests => return None,
-                    Measure::Tokens => tokens - reservation.tokens,
-                    Measure::NanoUsd => nano_usd - reservation.nano_usd,
-                };
-                (delta != 0).then(|| Correction {
-                    check: check.clone(),
-                    delta,
-                })
-            })
-            .collect();
-        if corrections.is_empty() {
-            return;
-        }
-        let store = Arc::clone(&reservation.store);
-        let windows = reservation.windows;
-        if !store.is_remote() {
-            // In process: immediate and infallible.
-            let settle = store.settle(windows, &corrections, std::time::Duration::ZERO);
-            let _ = futures_util::FutureExt::now_or_never(settle);
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+        let delta = Delta {
+            tokens: tokens - reservation.tokens,
+            nano_usd: nano_usd - reservation.nano_usd,
         };
-        let metrics = Arc::clone(&self.metrics);
-        runtime.spawn(async move {
-            // The reservation's charge stands if this fails: the safe side.
-            if let Err(e) = store
-                .settle(windows, &corrections, std::time::Duration::from_secs(2))
-                .await
-            {
-                metrics.spend_store_error();
-                tracing::warn!(error = %e, "spend settlement failed; the reservation stays charged");
-            }
-        });
+        reservation
+            .store
+            .settle(reservation.windows, &reservation.checks, delta);
     }
 
     fn store_ok(&self) {

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use super::limits::Check;
+use super::limits::{Check, LimitKind, Measure, Window};
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use crate::config::{SpendConfig, StoreConfig};
+use crate::metrics::Metrics;
 use crate::regular_file;
 
 /// The windows a reservation was charged in, so that its settlement
@@ -16,6 +17,16 @@ use crate::regular_file;
 pub struct WindowIds {
     pub minute: u64,
     pub day: u64,
+}
+
+impl WindowIds {
+    /// The id of the window of kind `window`.
+    pub fn of(self, window: Window) -> u64 {
+        match window {
+            Window::Minute => self.minute,
+            Window::Day => self.day,
+        }
+    }
 }
 
 /// A store's answer to a reservation.
@@ -32,11 +43,27 @@ pub enum Verdict {
     },
 }
 
-/// One counter correction of a settlement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Correction {
-    pub check: Check,
-    pub delta: i64,
+/// What a settlement moves each of a reservation's counters by: its
+/// measure's difference between what was used and what was reserved.
+/// Request counters never move: a request that ran counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delta {
+    pub tokens: i64,
+    pub nano_usd: i64,
+}
+
+impl Delta {
+    pub fn of(self, kind: LimitKind) -> i64 {
+        match kind.measure() {
+            Measure::Requests => 0,
+            Measure::Tokens => self.tokens,
+            Measure::NanoUsd => self.nano_usd,
+        }
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.tokens == 0 && self.nano_usd == 0
+    }
 }
 
 /// Why the store could not answer. Never contains a password.
@@ -60,7 +87,7 @@ pub enum SpendStore {
 impl SpendStore {
     /// Builds the store `config` names. Redis connects lazily: a Redis that
     /// is down at start is an outage like any other, not a failed start.
-    pub fn new(config: &SpendConfig) -> Result<Arc<Self>, StoreError> {
+    pub fn new(config: &SpendConfig, metrics: &Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
         let password = match (&config.store, &config.password_file) {
             (StoreConfig::Memory, _) | (_, None) => None,
             (_, Some(path)) => Some(read_password(path)?),
@@ -68,12 +95,18 @@ impl SpendStore {
         let namespace = &config.namespace;
         Ok(Arc::new(match &config.store {
             StoreConfig::Memory => Self::Memory(MemoryStore::default()),
-            StoreConfig::Redis(url) => {
-                Self::Redis(Box::new(RedisStore::single(url, namespace, password)?))
-            }
-            StoreConfig::RedisCluster(nodes) => {
-                Self::Redis(Box::new(RedisStore::cluster(nodes, namespace, password)?))
-            }
+            StoreConfig::Redis(url) => Self::Redis(Box::new(RedisStore::single(
+                url,
+                namespace,
+                password,
+                Arc::clone(metrics),
+            )?)),
+            StoreConfig::RedisCluster(nodes) => Self::Redis(Box::new(RedisStore::cluster(
+                nodes,
+                namespace,
+                password,
+                Arc::clone(metrics),
+            )?)),
         }))
     }
 
@@ -89,25 +122,17 @@ impl SpendStore {
         }
     }
 
-    /// Applies `corrections` to the windows of a reservation, all at once.
-    pub async fn settle(
-        &self,
-        windows: WindowIds,
-        corrections: &[Correction],
-        timeout: std::time::Duration,
-    ) -> Result<(), StoreError> {
-        match self {
-            Self::Memory(m) => {
-                m.settle(windows, corrections);
-                Ok(())
-            }
-            Self::Redis(r) => r.settle(windows, corrections, timeout).await,
+    /// Moves a reservation's counters by `delta`, all at once:
+    /// here and now in memory; with the next admission (or within a few
+    /// milliseconds) in Redis. Never waits.
+    pub fn settle(&self, windows: WindowIds, checks: &[Check], delta: Delta) {
+        if delta.is_zero() {
+            return;
         }
-    }
-
-    /// Whether settling needs a round trip (worth a task of its own).
-    pub fn is_remote(&self) -> bool {
-        matches!(self, Self::Redis(_))
+        match self {
+            Self::Memory(m) => m.settle(windows, checks, delta),
+            Self::Redis(r) => r.settle(windows, checks, delta),
+        }
     }
 }
 
