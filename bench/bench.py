@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTPROC = ROOT / "target/release/ai-gateway-extproc"
 FAKE_UPSTREAM = ROOT / "target/release/examples/fake_upstream"
 NULL_EXTPROC = ROOT / "target/release/examples/null_extproc"
+SPEND_COST = ROOT / "target/release/examples/spend_cost"
 ENVOY = ROOT / ".venv/bin/envoy"
 # The real executable behind the .venv launcher, for valgrind.
 ENVOY_EXE = next(iter(sorted((ROOT / ".venv/lib").glob("python3*/site-packages/envoy/_bin/envoy"))), ENVOY)
@@ -424,6 +425,31 @@ def start_redis(procs, workdir):
     raise SystemExit("bench: redis-server did not start")
 
 
+def redis_usec_per_call(url):
+    """Redis's own CPU time per script call so far (INFO commandstats)."""
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as c:
+        c.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while b"cmdstat_evalsha" not in data or not data.endswith(b"\r\n"):
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    for line in data.decode().splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            fields = dict(f.split("=") for f in line.split(":", 1)[1].split(","))
+            return float(fields["usec_per_call"])
+    return float("nan")
+
+
+def spend_cost(store, requests):
+    """One admission and its settlement measured in-process (the processor's
+    spend code alone, without Envoy or gRPC): examples/spend_cost.rs."""
+    out = subprocess.run([str(SPEND_COST), store, str(requests)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
 def spend_rows(procs, workdir, up, a, alternate, rates):
     """A key with limits against the same key without: what spend control
     costs, with the memory store and with Redis on loopback."""
@@ -455,6 +481,20 @@ def spend_rows(procs, workdir, up, a, alternate, rates):
          f"{cpu[1] - cpu[0]:+.1f} µs", "≤ +5 µs"),
         ("spend, Redis: processor CPU per request", f"{cpu[0]:.0f} µs", f"{cpu[2]:.0f} µs",
          f"{cpu[2] - cpu[0]:+.1f} µs", ""),
+    ]
+    redis_usec = redis_usec_per_call(redis_url)
+    mem_alone = spend_cost("memory", 400_000)
+    cost_redis = start_redis(procs, workdir)
+    red_alone = spend_cost(cost_redis, 100_000)
+    rows += [
+        ("spend, memory store, in-process (examples/spend_cost.rs): CPU per admission + settlement",
+         f"{mem_alone['cpu_us_without_limits']:.2f} µs", f"{mem_alone['cpu_us_with_limits']:.2f} µs",
+         f"{mem_alone['cpu_us_with_limits'] - mem_alone['cpu_us_without_limits']:+.2f} µs", "≤ +5 µs"),
+        ("spend, Redis, in-process: client CPU per admission (settlements ride along)",
+         f"{red_alone['cpu_us_without_limits']:.2f} µs", f"{red_alone['cpu_us_with_limits']:.2f} µs",
+         f"{red_alone['cpu_us_with_limits'] - red_alone['cpu_us_without_limits']:+.2f} µs", ""),
+        ("spend, Redis: the server's own CPU per admission script (INFO commandstats)", "-", f"{redis_usec:.1f} µs",
+         "", ""),
     ]
     for rate in rates:
         (none, mem, red), _ = alternate(urls, body=CHAT, rate=rate, headers=auth)

@@ -35,6 +35,6 @@ if ! .venv/bin/oha --version 2>/dev/null | grep -q "$OHA_VERSION"; then
   cargo install --quiet --locked --root .venv oha --version "$OHA_VERSION"
 fi
 say "building the release binaries"
-cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream --example null_extproc
+cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream --example null_extproc --example spend_cost
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PATH="$PWD/.venv/bin:$PATH" OHA="$PWD/.venv/bin/oha" exec .venv/bin/python bench/bench.py "$@"
