@@ -25,12 +25,17 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr};
+use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr, RetryConfig, RetryOn};
 use crate::decision::head::CREDENTIAL_HEADERS;
 use crate::extproc::headers::{CLIENT_HEADERS_NOT_FORWARDED, READ_HEADERS};
 use crate::extproc::report::METADATA_NAMESPACE;
 use crate::extproc::stream_auth::{read_secret, SecretError, SECRET_HEADER};
-use crate::extproc::{BACKEND_HEADER, INTERNAL_HEADER_PREFIX, MODEL_HEADER};
+use crate::extproc::chains::REQUEST_ID_HEADER;
+use crate::extproc::{
+    ATTEMPT_PASS, BACKEND_ATTRIBUTE, BACKEND_HEADER, CONTENT_LENGTH_FIELD, INTERNAL_HEADER_PREFIX,
+    MODEL_HEADER, PASS_HEADER,
+};
+use crate::routes::chain_name;
 use crate::openai::error::{error_json, too_large_message};
 
 /// The Envoy cluster of the processor.
@@ -49,9 +54,15 @@ pub enum RenderError {
 pub fn render(config: &Config) -> Result<String, RenderError> {
     let mut clusters = vec![extproc_cluster(config)];
     let mut routes = Vec::new();
+    let chains = chains(config);
     for backend in &config.backends {
-        clusters.push(backend_cluster(backend, &backend.url));
+        let chained = chains.iter().any(|c| c.iter().any(|b| b.name == backend.name));
+        clusters.push(backend_cluster(backend, &backend.url, chained.then_some(&config.retry)));
         routes.push(backend_route(backend, &backend.url));
+    }
+    for chain in &chains {
+        clusters.push(chain_cluster(config, chain)?);
+        routes.push(chain_route(config, chain));
     }
     routes.push(json!({
         "name": "unrouted",
@@ -292,6 +303,15 @@ fn access_log() -> Value {
     })
 }
 
+/// What no provider gets: the routing headers once they have routed, and
+/// the client headers listed in `CLIENT_HEADERS_NOT_FORWARDED`.
+fn removed_request_headers() -> Vec<&'static str> {
+    [BACKEND_HEADER, MODEL_HEADER]
+        .into_iter()
+        .chain(CLIENT_HEADERS_NOT_FORWARDED.iter().copied())
+        .collect()
+}
+
 fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
     let mut route = json!({
         "cluster": backend.name,
@@ -301,10 +321,7 @@ fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
     });
     // What no provider gets: the routing headers once they have routed, and
     // the client headers listed in `CLIENT_HEADERS_NOT_FORWARDED`.
-    let remove: Vec<&str> = [BACKEND_HEADER, MODEL_HEADER]
-        .into_iter()
-        .chain(CLIENT_HEADERS_NOT_FORWARDED.iter().copied())
-        .collect();
+    let remove = removed_request_headers();
     if !url.path_prefix.is_empty() {
         route["prefix_rewrite"] = json!(format!("{}/", url.path_prefix));
     }
@@ -319,7 +336,170 @@ fn backend_route(backend: &BackendConfig, url: &BackendUrl) -> Value {
     })
 }
 
-fn backend_cluster(backend: &BackendConfig, url: &BackendUrl) -> Value {
+/// Every distinct fallback chain of the configuration: a model's backend,
+/// then its fallbacks.
+fn chains(config: &Config) -> Vec<Vec<&BackendConfig>> {
+    let by_name = |name: &str| config.backends.iter().find(|b| b.name == name);
+    let mut chains: Vec<Vec<&BackendConfig>> = Vec::new();
+    for model in config.models.iter().filter(|m| !m.fallbacks.is_empty()) {
+        let chain: Option<Vec<&BackendConfig>> = std::iter::once(model.backend.as_str())
+            .chain(model.fallbacks.iter().map(|f| f.backend.as_str()))
+            .map(by_name)
+            .collect();
+        if let Some(chain) = chain {
+            if !chains.iter().any(|c| names(c) == names(&chain)) {
+                chains.push(chain);
+            }
+        }
+    }
+    chains
+}
+
+fn names<'a>(chain: &[&'a BackendConfig]) -> Vec<&'a str> {
+    chain.iter().map(|b| b.name.as_str()).collect()
+}
+
+/// A chain's cluster: Envoy's aggregate cluster over its backends' own
+/// clusters, each backend one priority level, so a retry that skips the
+/// priorities already tried goes to the next backend in order, and a
+/// backend whose host was ejected is passed over at once. Its upstream
+/// filters run once per attempt: the attempt pass sets the key, path and
+/// body of the attempt's backend, then `content-length` is set from what
+/// it measured, then the codec sends it.
+fn chain_cluster(config: &Config, chain: &[&BackendConfig]) -> Result<Value, RenderError> {
+    let name = chain_name(names(chain));
+    let mut service = extproc_grpc_service(config)?;
+    let metadata = service
+        .as_object_mut()
+        .map(|s| s.entry("initial_metadata").or_insert_with(|| json!([])));
+    if let Some(Value::Array(entries)) = metadata {
+        entries.push(json!({"key": PASS_HEADER, "value": ATTEMPT_PASS}));
+    }
+    let attempt_filter = json!({
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": service,
+            "failure_mode_allow": false,
+            "message_timeout": duration(config.message_timeout()),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "request_attributes": [BACKEND_ATTRIBUTE],
+            "forward_rules": {"allowed_headers": {"patterns": [
+                {"exact": REQUEST_ID_HEADER},
+                {"exact": ":status"},
+            ]}},
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    });
+    let content_length = json!({
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"append": {
+                "header": {
+                    "key": "content-length",
+                    "value": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{CONTENT_LENGTH_FIELD})%"),
+                },
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }}]},
+        },
+    });
+    let codec = json!({
+        "name": "envoy.filters.http.upstream_codec",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+    });
+    let mut options = http_protocol_options(json!({"http_protocol_options": {}}));
+    options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"] =
+        json!([attempt_filter, content_length, codec]);
+    Ok(json!({
+        "name": name,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": names(chain),
+            },
+        },
+        "typed_extension_protocol_options": options,
+    }))
+}
+
+/// A chain's route: like a backend's, with the retry policy that moves
+/// along the chain. Envoy never retries once the response has begun
+/// reaching the client, so no response byte is sent twice.
+fn chain_route(config: &Config, chain: &[&BackendConfig]) -> Value {
+    let name = chain_name(names(chain));
+    let retry = &config.retry;
+    let statuses: Vec<u16> = retry
+        .retry_on
+        .iter()
+        .filter_map(|on| match on {
+            RetryOn::Status(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    let mut conditions = Vec::new();
+    if !statuses.is_empty() {
+        conditions.push("retriable-status-codes");
+    }
+    if retry.retry_on.contains(&RetryOn::ConnectFailure) {
+        conditions.push("connect-failure");
+    }
+    if retry.retry_on.contains(&RetryOn::Reset) {
+        conditions.push("reset");
+    }
+    let attempts = usize::try_from(retry.max_attempts)
+        .unwrap_or(usize::MAX)
+        .min(chain.len());
+    // A timeout of 0 is none; otherwise each attempt may use its own.
+    let timeout = if chain.iter().any(|b| b.request_timeout.is_zero()) {
+        Duration::ZERO
+    } else {
+        chain.iter().map(|b| b.request_timeout).sum()
+    };
+    let idle = chain.iter().map(|b| b.idle_timeout).max().unwrap_or_default();
+    json!({
+        "name": format!("backend-{name}"),
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": name}}],
+        },
+        "route": {
+            "cluster": name,
+            // Each endpoint carries its backend's host name.
+            "auto_host_rewrite": true,
+            "timeout": duration(timeout),
+            "idle_timeout": duration(idle),
+            "retry_policy": {
+                "retry_on": conditions.join(","),
+                "retriable_status_codes": statuses,
+                "num_retries": attempts.saturating_sub(1),
+                "retry_priority": {
+                    "name": "envoy.retry_priorities.previous_priorities",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                        "update_frequency": 1,
+                    },
+                },
+                // The next backend is another provider: no reason to wait
+                // (Envoy's shortest back-off).
+                "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.001s"},
+            },
+        },
+        "request_headers_to_remove": removed_request_headers(),
+    })
+}
+
+fn backend_cluster(backend: &BackendConfig, url: &BackendUrl, chained: Option<&RetryConfig>) -> Value {
     let ip = url.host.parse::<IpAddr>().ok();
     let mut cluster = json!({
         "name": backend.name,
@@ -330,13 +510,31 @@ fn backend_cluster(backend: &BackendConfig, url: &BackendUrl) -> Value {
         "connect_timeout": duration(backend.connect_timeout),
         "load_assignment": {
             "cluster_name": backend.name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": url.host,
-                "port_value": url.port,
-            }}}}]}],
+            "endpoints": [{"lb_endpoints": [{
+                "endpoint": {
+                    "address": {"socket_address": {"address": url.host, "port_value": url.port}},
+                    // The Host of a chain's attempts (`auto_host_rewrite`).
+                    "hostname": url.authority(),
+                },
+                // Tells the attempt pass which backend an attempt went to.
+                "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"backend": backend.name}}},
+            }]}],
         },
         "typed_extension_protocol_options": http_protocol_options(json!({"http_protocol_options": {}})),
     });
+    if let Some(retry) = chained {
+        // A backend that keeps failing is left out of its chains for a
+        // while (longer each time), then tried again; its one host may be
+        // ejected (the next backend takes over).
+        cluster["outlier_detection"] = json!({
+            "consecutive_5xx": retry.eject_after,
+            "consecutive_gateway_failure": retry.eject_after,
+            "base_ejection_time": duration(retry.ejection_time),
+            "max_ejection_time": "300s",
+            "max_ejection_percent": 100,
+            "interval": "1s",
+        });
+    }
     if url.tls {
         // Envoy refuses to check names without an explicit trust store, so
         // the CA bundle is named as a file rather than `system_root_certs`.

@@ -52,6 +52,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     /// Upstream answers of 400 and above, by backend and status.
     upstream_errors: IntCounterVec,
+    /// Attempts on fallback chains, by backend and outcome.
+    attempts: IntCounterVec,
     /// Tokens per request, by `gen_ai_token_type` (input, output,
     /// cached_input, reasoning) and the GenAI labels.
     token_usage: HistogramVec,
@@ -159,6 +161,12 @@ impl Metrics {
                 "ai_gateway_upstream_errors_total",
                 "Upstream responses with status 400 or above, by backend and status.",
                 &["backend", "status"],
+            )?,
+            attempts: counter(
+                &r,
+                "ai_gateway_attempts_total",
+                "Attempts of requests on a fallback chain, by backend and outcome: the status the backend answered, or no_response (connection failed or reset).",
+                &["backend", "outcome"],
             )?,
             // Buckets as the OpenTelemetry GenAI semantic conventions advise.
             token_usage: histogram(
@@ -328,6 +336,15 @@ impl Metrics {
         let status = status.to_string();
         self.upstream_errors
             .with_label_values(&[backend, status.as_str()])
+            .inc();
+    }
+
+    /// One attempt of a request on a fallback chain; `status` `None`: the
+    /// backend never answered.
+    pub fn record_attempt(&self, backend: &str, status: Option<u16>) {
+        let outcome = status.map(|s| s.to_string());
+        self.attempts
+            .with_label_values(&[backend, outcome.as_deref().unwrap_or("no_response")])
             .inc();
     }
 

@@ -36,6 +36,41 @@ pub struct Route {
     pub backend: Arc<Backend>,
     /// The name to put in the body instead of the client's, if any.
     pub upstream_model: Option<Arc<str>>,
+    /// The backends tried in order after `backend` when it throttles or
+    /// fails; empty for most models (one attempt).
+    pub fallbacks: Arc<[Hop]>,
+    /// The name of the chain (`backend` then `fallbacks`), also its Envoy
+    /// cluster's; `None` without fallbacks.
+    pub chain: Option<Arc<str>>,
+}
+
+/// One backend of a fallback chain, with the model name it gets.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    pub backend: Arc<Backend>,
+    pub upstream_model: Option<Arc<str>>,
+}
+
+/// Names a chain's Envoy cluster: `chain~<backend>~<backend>...`. Backend
+/// names cannot hold `~`, so two chains never share a name.
+pub fn chain_name<'a>(backends: impl IntoIterator<Item = &'a str>) -> String {
+    let mut name = String::from("chain");
+    for b in backends {
+        name.push('~');
+        name.push_str(b);
+    }
+    name
+}
+
+impl Route {
+    /// Every hop, the primary first.
+    pub fn hops(&self) -> impl Iterator<Item = Hop> + '_ {
+        std::iter::once(Hop {
+            backend: Arc::clone(&self.backend),
+            upstream_model: self.upstream_model.clone(),
+        })
+        .chain(self.fallbacks.iter().cloned())
+    }
 }
 
 /// All model rules of one configuration.
@@ -72,12 +107,30 @@ impl RouteTable {
         let mut listed = Vec::new();
         let mut catch_all = None;
         for rule in &config.models {
-            let Some(backend) = backends.iter().find(|b| *b.name == *rule.backend) else {
+            let by_name = |name: &str| backends.iter().find(|b| *b.name == *name).cloned();
+            let Some(backend) = by_name(&rule.backend) else {
                 continue;
             };
+            let fallbacks: Arc<[Hop]> = rule
+                .fallbacks
+                .iter()
+                .filter_map(|f| {
+                    Some(Hop {
+                        backend: by_name(&f.backend)?,
+                        upstream_model: f.upstream_model.as_deref().map(Arc::from),
+                    })
+                })
+                .collect();
+            let chain = (!fallbacks.is_empty()).then(|| {
+                Arc::from(chain_name(
+                    std::iter::once(&*backend.name).chain(fallbacks.iter().map(|h| &*h.backend.name)),
+                ))
+            });
             let route = Route {
-                backend: Arc::clone(backend),
+                backend: Arc::clone(&backend),
                 upstream_model: rule.upstream_model.as_deref().map(Arc::from),
+                fallbacks,
+                chain,
             };
             if rule.name.contains('*') {
                 if rule.name == "*" && catch_all.is_none() {

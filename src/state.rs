@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::client_keys::ClientKeys;
 use crate::config::Config;
+use crate::extproc::chains::ChainRequests;
 use crate::metrics::Metrics;
 use crate::openai::models;
 use crate::provider_keys::{sources_of, KeySource, ProviderKeys};
@@ -57,6 +58,8 @@ pub struct GatewayState {
     pub client_keys: Arc<ClientKeys>,
     /// Budgets and rate limits.
     pub spend: Spend,
+    /// Requests in flight on fallback chains, for their attempts.
+    pub chains: ChainRequests,
 }
 
 impl GatewayState {
@@ -73,6 +76,7 @@ impl GatewayState {
             metrics,
             client_keys,
             spend,
+            chains: ChainRequests::default(),
         }
     }
 

@@ -11,7 +11,9 @@ use std::sync::LazyLock;
 use ai_gateway_extproc::client_keys::ClientKeySet;
 use ai_gateway_extproc::config::Config;
 use ai_gateway_extproc::decision::head::CREDENTIAL_HEADERS;
-use ai_gateway_extproc::decision::{decide_body, decide_head, Forward, HeadDecision, RequestHead};
+use ai_gateway_extproc::decision::{
+    decide_body, decide_head, Forward, HeadDecision, RequestHead, Target,
+};
 use ai_gateway_extproc::provider_keys::ProviderKeys;
 use ai_gateway_extproc::state::Snapshot;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -80,12 +82,16 @@ fuzz_target!(|input: Input<'_>| {
 
     let check = |f: &Forward, allowed: &dyn Fn(&str) -> bool| {
         let backend = &*f.route.backend.name;
-        assert_eq!(f.key.authorization(), format!("Bearer sk-{backend}"));
+        // The fuzzed config has no chains: every forward names its key.
+        let Target::Backend { key, body: renamed } = &f.target else {
+            panic!("a chain in a config without fallbacks")
+        };
+        assert_eq!(key.authorization(), format!("Bearer sk-{backend}"));
         if let Some(model) = &f.model {
             let rule = snapshot.routes.resolve(model).expect("forwarded a model without a rule");
             assert_eq!(&*rule.backend.name, backend);
             assert!(allowed(model), "forwarded {model} the client key may not use");
-            if let Some(body) = &f.body {
+            if let Some(body) = renamed {
                 let v: serde_json::Value = serde_json::from_slice(body).expect("rewrite broke JSON");
                 assert_eq!(v["model"].as_str(), rule.upstream_model.as_deref());
             }

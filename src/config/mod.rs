@@ -14,6 +14,7 @@
 mod backend_url;
 mod listen;
 mod names;
+mod retry;
 mod spend;
 mod validate;
 
@@ -29,6 +30,7 @@ pub use listen::{parse_socket_addr, AddrError, ListenAddr};
 pub use names::{
     check_backend_name, check_model_name, NameError, MAX_MODEL_NAME_LEN, RESERVED_CLUSTER_NAMES,
 };
+pub use retry::{FallbackConfig, RetryConfig, RetryOn};
 pub use spend::{Limits, OnStoreError, PriceRule, SpendConfig, StoreConfig};
 
 /// Largest request body a client may send by default: 16 MiB. Coding agents
@@ -65,6 +67,9 @@ pub struct Config {
     /// Budgets and rate limits, and where their counters live.
     #[serde(default)]
     pub spend: SpendConfig,
+    /// When a model's fallback chain moves on to its next backend.
+    #[serde(default)]
+    pub retry: RetryConfig,
 }
 
 /// Where the gateway's client keys are (see `access`).
@@ -183,6 +188,10 @@ pub struct ModelConfig {
     pub backend: String,
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// Backends tried in order after `backend` when it throttles or fails
+    /// (`retry.retry_on`); empty: one attempt.
+    #[serde(default)]
+    pub fallbacks: Vec<FallbackConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::names::{check_backend_name, check_dns_name, check_model_name};
-use super::{Config, ListenAddr, Problem, MAX_REQUEST_BODY_BYTES_CEILING};
+use super::{Config, ListenAddr, Problem, RetryOn, MAX_REQUEST_BODY_BYTES_CEILING};
 
 impl Config {
     /// Every problem serde cannot see, each with its field path.
@@ -63,15 +63,52 @@ impl Config {
                     format!("no backend named {:?} in `backends`", m.backend),
                 );
             }
-            if let Some(up) = &m.upstream_model {
-                if let Err(e) = check_model_name(up) {
-                    report(at("upstream_model"), e.to_string());
-                } else if up.contains('*') {
-                    report(
-                        at("upstream_model"),
-                        "must be a model name, not a glob".into(),
-                    );
+            let mut chain = vec![m.backend.as_str()];
+            let hops = std::iter::once((at("upstream_model"), &m.upstream_model)).chain(
+                m.fallbacks
+                    .iter()
+                    .enumerate()
+                    .map(|(j, f)| (format!("models[{i}].fallbacks[{j}].upstream_model"), &f.upstream_model)),
+            );
+            for (field, upstream) in hops {
+                if let Some(up) = upstream {
+                    if let Err(e) = check_model_name(up) {
+                        report(field, e.to_string());
+                    } else if up.contains('*') {
+                        report(field, "must be a model name, not a glob".into());
+                    }
                 }
+            }
+            for (j, f) in m.fallbacks.iter().enumerate() {
+                let field = format!("models[{i}].fallbacks[{j}].backend");
+                if !self.backends.iter().any(|b| b.name == f.backend) {
+                    report(field, format!("no backend named {:?} in `backends`", f.backend));
+                } else if chain.contains(&f.backend.as_str()) {
+                    report(
+                        field,
+                        format!("{:?} is already in this model's chain: each backend is tried at most once", f.backend),
+                    );
+                } else {
+                    chain.push(&f.backend);
+                }
+            }
+        }
+        let retry = &self.retry;
+        if !(1..=10).contains(&retry.max_attempts) {
+            report("retry.max_attempts".into(), "must be 1 to 10".into());
+        }
+        if retry.eject_after == 0 {
+            report("retry.eject_after".into(), "must be at least 1".into());
+        }
+        if retry.ejection_time.is_zero() {
+            report("retry.ejection_time".into(), "must be more than 0".into());
+        }
+        for (i, on) in retry.retry_on.iter().enumerate() {
+            if *on == RetryOn::Status(400) {
+                report(
+                    format!("retry.retry_on[{i}]"),
+                    "400 is never retried: another provider will not fix a bad request".into(),
+                );
             }
         }
 

@@ -14,6 +14,7 @@
 
 pub mod head;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::client_keys::{ClientKey, ClientKeySet};
@@ -60,14 +61,25 @@ pub struct Admitted {
 #[derive(Debug, Clone)]
 pub struct Forward {
     pub route: Route,
-    pub key: ApiKey,
+    pub target: Target,
     /// The client's model; `None` for a model listing.
     pub model: Option<Box<str>>,
     pub stream: bool,
-    /// The body to send instead of the client's (the model renamed).
-    pub body: Option<Vec<u8>>,
     /// The output cap the request names, if any.
     pub max_output_tokens: Option<u64>,
+}
+
+/// How a forwarded request reaches its provider.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One backend: its key, and the body to send instead of the client's
+    /// when the model is renamed for it.
+    Backend { key: ApiKey, body: Option<Vec<u8>> },
+    /// A fallback chain (`route.chain`): Envoy tries its backends in turn,
+    /// and each attempt gets its backend's key, and its body, from the
+    /// per-attempt pass (`extproc::attempt`), never from here. The span of
+    /// the model's value in the body, for the attempts that rename it.
+    Chain { model_span: Range<usize> },
 }
 
 /// Decides on the request headers. `client_keys` is `None` when access is
@@ -147,12 +159,12 @@ fn decide_model_listing(
         let Some(key) = provider_keys.get(&route.backend.name) else {
             return refuse(ApiError::key_unavailable(&route.backend.name));
         };
+        // A listing goes to the primary only: it is not worth a retry.
         let forward = Forward {
             route: route.clone(),
-            key,
+            target: Target::Backend { key, body: None },
             model: None,
             stream: false,
-            body: None,
             max_output_tokens: None,
         };
         return HeadDecision::Forward(admitted, Hygiene::of(head), forward);
@@ -194,22 +206,45 @@ pub fn decide_body(
         .routes
         .resolve(&summary.model)
         .ok_or_else(|| ApiError::model_not_found(&summary.model))?;
-    let key = provider_keys
-        .get(&route.backend.name)
-        .ok_or_else(|| ApiError::key_unavailable(&route.backend.name))?;
-    let rewritten = route
-        .upstream_model
-        .as_deref()
-        .filter(|upstream| **upstream != *summary.model)
-        .map(|upstream| rewrite_model(body, &summary.model_span, upstream));
+    let target = if route.chain.is_some() {
+        // Each attempt's key and body are its own, given by the attempt
+        // pass when Envoy has picked the attempt's backend; a backend of
+        // the chain without a key fails its own attempt, not the request.
+        Target::Chain {
+            model_span: summary.model_span.clone(),
+        }
+    } else {
+        let key = provider_keys
+            .get(&route.backend.name)
+            .ok_or_else(|| ApiError::key_unavailable(&route.backend.name))?;
+        let body = renamed_body(
+            route.upstream_model.as_deref(),
+            &summary.model,
+            body,
+            &summary.model_span,
+        );
+        Target::Backend { key, body }
+    };
     Ok(Forward {
         route: route.clone(),
-        key,
+        target,
         model: Some(summary.model.as_ref().into()),
         stream: summary.stream,
-        body: rewritten,
         max_output_tokens: summary.max_output_tokens,
     })
+}
+
+/// The body a backend gets: the client's with the model renamed to
+/// `upstream_model`, or `None` when the client's goes as it is.
+pub fn renamed_body(
+    upstream_model: Option<&str>,
+    client_model: &str,
+    body: &[u8],
+    model_span: &Range<usize>,
+) -> Option<Vec<u8>> {
+    upstream_model
+        .filter(|upstream| *upstream != client_model)
+        .map(|upstream| rewrite_model(body, model_span, upstream))
 }
 
 #[cfg(test)]

@@ -225,7 +225,10 @@ fn bodies() {
         let got = match decide_body(&admitted, body.as_bytes(), &s, &keys()) {
             Err(e) => Body::Error(e.status, e.code),
             Ok(f) => {
-                let sent = f.body.as_deref().unwrap_or(body.as_bytes());
+                let Target::Backend { key, body: renamed } = &f.target else {
+                    panic!("{what}: no chain in this table")
+                };
+                let sent = renamed.as_deref().unwrap_or(body.as_bytes());
                 let sent: serde_json::Value = serde_json::from_slice(sent).unwrap();
                 let backend: &'static str = if &*f.route.backend.name == "tars" {
                     "tars"
@@ -234,7 +237,7 @@ fn bodies() {
                 };
                 let model: &'static str = String::leak(sent["model"].as_str().unwrap().to_string());
                 assert_eq!(
-                    f.key.authorization(),
+                    key.authorization(),
                     format!("Bearer sk-{backend}"),
                     "{what}: the backend's own key"
                 );
@@ -260,7 +263,7 @@ fn no_catch_all_means_model_not_found_and_rewrites_keep_the_rest() {
         br#"{ "model" : "claude-special", "max_tokens": 64, "metadata": {"model": "keep"} }"#;
     let f = decide_body(&admitted, body, &s, &keys()).unwrap();
     assert_eq!(
-        f.body.as_deref(),
+        backend_body(&f),
         Some(
             &br#"{ "model" : "special-v2", "max_tokens": 64, "metadata": {"model": "keep"} }"#[..]
         )
@@ -269,5 +272,42 @@ fn no_catch_all_means_model_not_found_and_rewrites_keep_the_rest() {
     assert_eq!(f.max_output_tokens, Some(64));
     // No rewrite when the upstream name is the client's.
     let f = decide_body(&admitted, br#"{"model":"gpt-4o-mini"}"#, &s, &keys()).unwrap();
-    assert!(f.body.is_none());
+    assert!(backend_body(&f).is_none());
+}
+
+fn backend_body(f: &Forward) -> Option<&[u8]> {
+    match &f.target {
+        Target::Backend { body, .. } => body.as_deref(),
+        Target::Chain { .. } => panic!("not a chain"),
+    }
+}
+
+/// A model with fallbacks goes to its chain: no key and no rewrite here
+/// (each attempt gets its own), and a primary without a key does not stop
+/// it.
+#[test]
+fn a_chain_is_forwarded_as_a_chain() {
+    let s = snapshot(
+        "  - {name: 'chained', backend: keyless, fallbacks: [{backend: local, upstream_model: other-name}, {backend: tars}]}\n",
+    );
+    let admitted = Admitted {
+        endpoint: Endpoint::ChatCompletions,
+        client: None,
+    };
+    let f = decide_body(&admitted, br#"{"model":"chained"}"#, &s, &keys()).unwrap();
+    assert!(matches!(f.target, Target::Chain { .. }));
+    assert_eq!(f.route.chain.as_deref(), Some("chain~keyless~local~tars"));
+    let hops: Vec<(String, Option<String>)> = f
+        .route
+        .hops()
+        .map(|h| (h.backend.name.to_string(), h.upstream_model.map(|m| m.to_string())))
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            ("keyless".into(), None),
+            ("local".into(), Some("other-name".into())),
+            ("tars".into(), None)
+        ]
+    );
 }

@@ -11,6 +11,7 @@
 //! by chunk as it passes (a successful inference body is read for usage;
 //! no body is ever held back or changed).
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,11 +20,12 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use tonic::Status;
 
+use super::chains::ChainRequest;
 use super::headers::{header, request_head, response_status};
 use super::order::{Message, StreamOrder};
 use super::reply::{self, Changes};
 use super::report::{self, Completion};
-use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead};
+use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead, Target};
 use crate::metrics::Phase;
 use crate::openai::response::ResponseReader;
 use crate::openai::usage::{Observed, UsageGap};
@@ -43,6 +45,9 @@ pub struct Exchange {
     head: RequestHead,
     /// Set once the head checks passed.
     admitted: Option<Admitted>,
+    /// The path as it goes upstream, when it differs from the client's
+    /// (a credential taken out of the query).
+    upstream_path: Option<String>,
     /// Set once the request is forwarded: whom it went to.
     forwarded: Option<Forwarded>,
     response: Option<ResponseSeen>,
@@ -53,7 +58,11 @@ pub struct Exchange {
 }
 
 struct Forwarded {
+    /// The backend that answers: the route's, or on a chain the one whose
+    /// attempt answered last.
     backend: Arc<Backend>,
+    /// The request's fallback chain, with the id its attempts carry.
+    chain: Option<(Box<str>, Arc<ChainRequest>)>,
     model: Option<Box<str>>,
     stream: bool,
     /// What spend control reserved for it, until settled.
@@ -117,6 +126,7 @@ impl Exchange {
             started: Instant::now(),
             head: RequestHead::default(),
             admitted: None,
+            upstream_path: None,
             forwarded: None,
             response: None,
             own_answer: None,
@@ -168,13 +178,14 @@ impl Exchange {
             HeadDecision::Answer(answer) => self.answer(answer),
             HeadDecision::AwaitBody(admitted, hygiene) => {
                 self.admitted = Some(admitted);
+                self.upstream_path.clone_from(&hygiene.path);
                 // Strip the client's credentials now; routing waits for
                 // the body.
                 reply::request_headers(reply::hygiene(hygiene))
             }
             HeadDecision::Forward(admitted, hygiene, forward) => {
                 self.admitted = Some(admitted);
-                let mut changes = reply::forward(&forward);
+                let mut changes = reply::forward(&forward, None);
                 changes.add(reply::hygiene(hygiene));
                 self.forwarded = Some(Forwarded::from(forward));
                 reply::request_headers(changes)
@@ -221,11 +232,39 @@ impl Exchange {
             Ok(r) => r,
             Err(e) => return self.answer(Answer::Error(e)),
         };
-        let changes = reply::forward(&forward);
+        let chain = match &forward.target {
+            Target::Chain { model_span } => Some(self.register_chain(&forward, chunk, model_span)),
+            Target::Backend { .. } => None,
+        };
+        let changes = reply::forward(&forward, chain.as_ref().map(|(id, _)| &**id));
         let mut forwarded = Forwarded::from(forward);
         forwarded.reservation = reservation;
+        forwarded.chain = chain;
         self.forwarded = Some(forwarded);
         reply::request_body(changes)
+    }
+
+    /// Leaves what the attempts of a chain need where they will look.
+    fn register_chain(
+        &self,
+        forward: &Forward,
+        chunk: &HttpBody,
+        model_span: &Range<usize>,
+    ) -> (Box<str>, Arc<ChainRequest>) {
+        let model = forward.model.clone().unwrap_or_default();
+        let renames = forward
+            .route
+            .hops()
+            .any(|h| h.upstream_model.as_deref().is_some_and(|u| u != &*model));
+        let path = self.upstream_path.as_deref().unwrap_or(&self.head.path);
+        let request = ChainRequest::new(
+            forward.route.clone(),
+            model,
+            path.into(),
+            renames.then(|| (chunk.body.clone(), model_span.clone())),
+            chunk.body.len(),
+        );
+        self.state.chains.register(&self.head.request_id, request)
     }
 
     /// Settles the reservation, if any, once: how the request ended.
@@ -260,6 +299,7 @@ impl Exchange {
     fn on_response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
         let headers = h.headers.as_ref();
         let status = response_status(headers).unwrap_or(0);
+        self.find_answering_backend();
         let Some(fwd) = &self.forwarded else {
             // Not forwarded (Envoy answered on its own, e.g. a 413).
             return reply::response_headers(Changes::default());
@@ -357,6 +397,36 @@ impl Exchange {
         reply::with_metadata(reply::response_body(Changes::default()), metadata)
     }
 
+    /// On a chain, the attempts are over when the response begins: the
+    /// client gets the answer of the last attempt that had one. Usage,
+    /// spend and metrics go to that backend.
+    fn find_answering_backend(&mut self) {
+        let Some(fwd) = self.forwarded.as_mut() else {
+            return;
+        };
+        let Some((_, chain)) = &fwd.chain else {
+            return;
+        };
+        let Some(hop) = chain
+            .answering_backend()
+            .and_then(|b| chain.route.hops().find(|h| h.backend.name == b.name))
+        else {
+            return;
+        };
+        if hop.backend.name == fwd.backend.name {
+            return;
+        }
+        if let Some(r) = fwd.reservation.as_mut() {
+            self.state.spend.answered_by(
+                r,
+                &self.snapshot.config.spend,
+                &hop.backend.name,
+                hop.upstream_model.as_deref(),
+            );
+        }
+        fwd.backend = hop.backend;
+    }
+
     /// One clear line per upstream error, saying what the operator can do.
     fn log_upstream_error(&self, fwd: &Forwarded, status: u16, retry_after: Option<&str>) {
         let backend = &*fwd.backend.name;
@@ -403,6 +473,9 @@ impl Exchange {
         }
         let fwd = self.forwarded.as_ref();
         let response = self.response.as_ref();
+        let attempts = fwd
+            .and_then(|f| f.chain.as_ref())
+            .map(|(_, chain)| chain.attempts_line());
         let (status, error, limit) = match self.own_answer {
             Some(OwnAnswer::Refused {
                 status,
@@ -431,6 +504,7 @@ impl Exchange {
                     .map(|a| a.endpoint)
                     .or_else(|| Endpoint::from_path(&self.head.path)),
                 backend: fwd.map(|f| &*f.backend.name),
+                attempts: attempts.as_deref(),
                 model: fwd.and_then(|f| f.model.as_deref()),
                 stream: fwd.is_some_and(|f| f.stream),
                 status,
@@ -451,6 +525,7 @@ impl From<Forward> for Forwarded {
     fn from(f: Forward) -> Self {
         Self {
             backend: f.route.backend,
+            chain: None,
             model: f.model,
             stream: f.stream,
             reservation: None,
@@ -467,6 +542,9 @@ impl Drop for Exchange {
         self.settle(Settlement::Unknown);
         if !self.reported && self.order.started() {
             self.report();
+        }
+        if let Some((id, _)) = self.forwarded.as_ref().and_then(|f| f.chain.as_ref()) {
+            self.state.chains.remove(id);
         }
     }
 }

@@ -2,9 +2,13 @@
 //! machine it drives, and the builders of Envoy's response messages.
 //!
 //! `grpc` serves the gRPC method; `service` only moves messages between
-//! Envoy and an [`Exchange`]; `exchange` decides; `reply` knows Envoy's
-//! protobuf shapes.
+//! Envoy and an [`Exchange`] (the router pass, one per request) or an
+//! attempt (`attempt`, one per attempt on a fallback chain); `exchange`
+//! decides; `chains` is where the two passes of one request meet; `reply`
+//! knows Envoy's protobuf shapes.
 
+mod attempt;
+pub mod chains;
 mod exchange;
 mod grpc;
 pub mod headers;
@@ -15,6 +19,7 @@ pub mod report;
 mod service;
 pub mod stream_auth;
 
+pub use attempt::{BACKEND_ATTRIBUTE, CONTENT_LENGTH_FIELD};
 pub use exchange::Exchange;
 pub use service::ExtProcService;
 
@@ -25,3 +30,8 @@ pub const BACKEND_HEADER: &str = "x-ai-eg-backend";
 /// Header carrying the requested model, for Envoy's access log.
 pub const MODEL_HEADER: &str = "x-ai-eg-model";
 pub use crate::decision::head::INTERNAL_HEADER_PREFIX;
+/// gRPC metadata naming the pass a stream serves; Envoy's upstream ext_proc
+/// filter sends it (`initial_metadata`) with [`ATTEMPT_PASS`].
+pub const PASS_HEADER: &str = "x-ai-gateway-pass";
+/// The value of [`PASS_HEADER`] on attempt streams.
+pub const ATTEMPT_PASS: &str = "attempt";

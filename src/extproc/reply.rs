@@ -12,8 +12,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::Struct;
 
+use super::chains::REQUEST_ID_HEADER;
 use super::{BACKEND_HEADER, MODEL_HEADER};
-use crate::decision::{Forward, Hygiene};
+use crate::decision::{Forward, Hygiene, Target};
 use crate::openai::error::ApiError;
 
 /// A header to set, replacing any value the request already had.
@@ -72,27 +73,37 @@ impl Changes {
     }
 }
 
-/// The changes that send a request where `forward` says, with its key:
-/// the routing header Envoy's routes match on (and a new route match), the
-/// provider key, the model for the access log, and the rewritten body with
-/// its length.
-pub fn forward(forward: &Forward) -> Changes {
-    let mut set = vec![
-        set_header(BACKEND_HEADER, forward.route.backend.name.as_bytes()),
-        set_header("authorization", forward.key.authorization().as_bytes()),
-    ];
+/// The changes that send a request where `forward` says: the routing
+/// header Envoy's routes match on (and a new route match), the model for
+/// the access log, and for one backend its key and the rewritten body with
+/// its length. A chain gets its keys and bodies per attempt (`attempt`);
+/// here it only gets the id its attempts find it by.
+pub fn forward(forward: &Forward, chain_id: Option<&str>) -> Changes {
+    let mut set = Vec::with_capacity(4);
+    let mut body = None;
+    match (&forward.target, &forward.route.chain, chain_id) {
+        (Target::Chain { .. }, Some(chain), Some(id)) => {
+            set.push(set_header(BACKEND_HEADER, chain.as_bytes()));
+            set.push(set_header(REQUEST_ID_HEADER, id.as_bytes()));
+        }
+        (Target::Backend { key, body: renamed }, _, _) => {
+            set.push(set_header(BACKEND_HEADER, forward.route.backend.name.as_bytes()));
+            set.push(set_header("authorization", key.authorization().as_bytes()));
+            if let Some(b) = renamed {
+                set.push(set_header("content-length", b.len().to_string().as_bytes()));
+                body = Some(b.clone());
+            }
+        }
+        // A chain without its id is not sent anywhere: Envoy's last route
+        // answers 404 for a request without a routing header.
+        (Target::Chain { .. }, _, _) => {}
+    }
     if let Some(model) = &forward.model {
         set.push(set_header(MODEL_HEADER, model.as_bytes()));
     }
-    if let Some(body) = &forward.body {
-        set.push(set_header(
-            "content-length",
-            body.len().to_string().as_bytes(),
-        ));
-    }
     Changes {
         set,
-        body: forward.body.clone(),
+        body,
         reroute: true,
         ..Changes::default()
     }
@@ -116,6 +127,17 @@ pub fn request_headers(changes: Changes) -> ProcessingResponse {
     wrap(Response::RequestHeaders(HeadersResponse {
         response: changes.into_common(),
     }))
+}
+
+/// A request headers answer that may also replace the body: Envoy takes a
+/// body from a headers answer only with `CONTINUE_AND_REPLACE`.
+pub fn request_headers_replacing_body(changes: Changes) -> ProcessingResponse {
+    let replace = changes.body.is_some();
+    let mut common = changes.into_common();
+    if let (true, Some(c)) = (replace, common.as_mut()) {
+        c.status = ResponseStatus::ContinueAndReplace as i32;
+    }
+    wrap(Response::RequestHeaders(HeadersResponse { response: common }))
 }
 
 pub fn request_body(changes: Changes) -> ProcessingResponse {

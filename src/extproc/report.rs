@@ -24,6 +24,8 @@ pub struct Completion<'a> {
     pub client: Option<&'a str>,
     pub endpoint: Option<Endpoint>,
     pub backend: Option<&'a str>,
+    /// The attempts of a request on a fallback chain (`tars:429 other:200`).
+    pub attempts: Option<&'a str>,
     pub model: Option<&'a str>,
     pub stream: bool,
     pub status: Option<u16>,
@@ -65,6 +67,7 @@ pub fn record(metrics: &Metrics, c: &Completion<'_>) {
         model = c.model.unwrap_or("-"),
         response_model = response_model.unwrap_or("-"),
         backend = c.backend.unwrap_or("-"),
+        attempts = c.attempts.unwrap_or("-"),
         status = c.status.unwrap_or(0),
         error = c.error.unwrap_or("-"),
         limit = c.limit.unwrap_or("-"),
@@ -110,6 +113,11 @@ pub fn response_metadata(backend: &str, model: Option<&str>, observed: &Observed
         fields.push(("response_model", string(m)));
     }
     namespaced(fields)
+}
+
+/// Dynamic metadata with string fields.
+pub fn metadata(fields: &[(&str, &str)]) -> Struct {
+    namespaced(fields.iter().map(|(k, v)| (*k, string(v))).collect())
 }
 
 fn namespaced(fields: Vec<(&str, Value)>) -> Struct {

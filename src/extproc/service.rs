@@ -1,9 +1,10 @@
 //! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service.
 //!
-//! Envoy opens one bidirectional stream per HTTP request. Each stream gets
-//! its own [`Exchange`], and the answers are produced by unfolding the
-//! inbound stream in place, one message at a time: no task, no channel and
-//! no lock per request. Only an admission against a remote spend store
+//! Envoy opens one bidirectional stream per HTTP request, and one more per
+//! attempt when the request is on a fallback chain (marked by
+//! [`PASS_HEADER`]). Each stream gets its own [`Exchange`] or attempt, and
+//! the answers are produced by unfolding the inbound stream in place, one
+//! message at a time: no task, no channel and no lock per request. Only an admission against a remote spend store
 //! waits on I/O, and then only that stream waits.
 
 use std::pin::Pin;
@@ -15,8 +16,9 @@ use futures_util::stream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::attempt::AttemptExchange;
 use super::stream_auth::StreamAuth;
-use super::Exchange;
+use super::{Exchange, ATTEMPT_PASS, PASS_HEADER};
 use crate::state::GatewayState;
 
 /// The ext_proc service, shared by all streams.
@@ -40,6 +42,16 @@ impl ExtProcService {
     }
 }
 
+/// What a stream serves: a request (the router pass), or one attempt of a
+/// request on a fallback chain. Not boxed: it lives inside the stream's
+/// one boxed future already, and a box would cost every request an
+/// allocation.
+#[allow(clippy::large_enum_variant)]
+enum Pass {
+    Router(Exchange),
+    Attempt(AttemptExchange),
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -50,18 +62,26 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let exchange = Exchange::new(Arc::clone(&self.state));
+        let attempt = request
+            .metadata()
+            .get(PASS_HEADER)
+            .is_some_and(|v| v.as_bytes() == ATTEMPT_PASS.as_bytes());
+        let pass = if attempt {
+            Pass::Attempt(AttemptExchange::new(Arc::clone(&self.state)))
+        } else {
+            Pass::Router(Exchange::new(Arc::clone(&self.state)))
+        };
         let inbound = request.into_inner();
-        let answers = stream::unfold(
-            (exchange, inbound),
-            |(mut exchange, mut inbound)| async move {
-                let answer = match inbound.next().await? {
-                    Ok(message) => exchange.on_message(message).await,
-                    Err(status) => Err(status),
-                };
-                Some((answer, (exchange, inbound)))
-            },
-        );
+        let answers = stream::unfold((pass, inbound), |(mut pass, mut inbound)| async move {
+            let answer = match inbound.next().await? {
+                Ok(message) => match &mut pass {
+                    Pass::Router(exchange) => exchange.on_message(message).await,
+                    Pass::Attempt(attempt) => attempt.on_message(message),
+                },
+                Err(status) => Err(status),
+            };
+            Some((answer, (pass, inbound)))
+        });
         Ok(Response::new(Box::pin(answers)))
     }
 }

@@ -153,6 +153,18 @@ impl ApiError {
         )
     }
 
+    /// An attempt on a fallback chain that the processor cannot match to a
+    /// request it routed (it restarted in between, or the attempt is not
+    /// Envoy's): refused without a key.
+    pub fn chain_lost() -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "gateway_attempt_unknown",
+            "The gateway lost track of this request between its attempts (its external processor restarted?); try again.".to_string(),
+        )
+    }
+
     /// The response body.
     pub fn to_json(&self) -> Vec<u8> {
         error_json(&self.message, self.kind, self.code)

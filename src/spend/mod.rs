@@ -236,6 +236,27 @@ impl Spend {
         }
     }
 
+    /// Moves a reservation to the backend of a fallback chain that
+    /// answered: its usage is priced at that backend's prices. Where they
+    /// are unknown, the reservation's own estimate is the charge (never
+    /// free).
+    pub fn answered_by(
+        &self,
+        reservation: &mut Reservation,
+        config: &SpendConfig,
+        backend: &str,
+        upstream_model: Option<&str>,
+    ) {
+        let model = &*reservation.model;
+        reservation.price = self.prices.price(
+            &config.prices,
+            model,
+            backend,
+            upstream_model.unwrap_or(model),
+        );
+        reservation.backend = backend.into();
+    }
+
     /// Replaces a reservation by what the request really used (or gives
     /// its tokens back). Never waits: the response is never held up.
     pub fn settle(&self, reservation: Reservation, ending: Settlement<'_>) {

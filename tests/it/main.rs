@@ -11,6 +11,7 @@ mod cli;
 mod config_reload;
 mod deploy;
 mod errors;
+mod fallback;
 mod faults;
 mod key_reload;
 mod lifecycle;

@@ -228,6 +228,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// A model rule given as YAML flow mapping, e.g. one with `fallbacks`.
+    pub fn model_yaml(mut self, rule: &str) -> Self {
+        self.models.push(format!("  - {rule}\n"));
+        self
+    }
+
     /// Extra top-level YAML (e.g. `limits:`).
     pub fn extra_yaml(mut self, yaml: &str) -> Self {
         self.extra.push_str(yaml);
