@@ -27,16 +27,16 @@ use serde_json::{json, Value};
 
 use crate::config::{BackendConfig, BackendUrl, Config, ListenAddr, RetryConfig, RetryOn};
 use crate::decision::head::CREDENTIAL_HEADERS;
+use crate::extproc::chains::REQUEST_ID_HEADER;
 use crate::extproc::headers::{CLIENT_HEADERS_NOT_FORWARDED, READ_HEADERS};
 use crate::extproc::report::METADATA_NAMESPACE;
 use crate::extproc::stream_auth::{read_secret, SecretError, SECRET_HEADER};
-use crate::extproc::chains::REQUEST_ID_HEADER;
 use crate::extproc::{
     ATTEMPT_PASS, BACKEND_ATTRIBUTE, BACKEND_HEADER, CONTENT_LENGTH_FIELD, INTERNAL_HEADER_PREFIX,
     MODEL_HEADER, PASS_HEADER,
 };
-use crate::routes::chain_name;
 use crate::openai::error::{error_json, too_large_message};
+use crate::routes::chain_name;
 
 /// The Envoy cluster of the processor.
 pub const EXTPROC_CLUSTER: &str = "ai-gateway-extproc";
@@ -56,8 +56,14 @@ pub fn render(config: &Config) -> Result<String, RenderError> {
     let mut routes = Vec::new();
     let chains = chains(config);
     for backend in &config.backends {
-        let chained = chains.iter().any(|c| c.iter().any(|b| b.name == backend.name));
-        clusters.push(backend_cluster(backend, &backend.url, chained.then_some(&config.retry)));
+        let chained = chains
+            .iter()
+            .any(|c| c.iter().any(|b| b.name == backend.name));
+        clusters.push(backend_cluster(
+            backend,
+            &backend.url,
+            chained.then_some(&config.retry),
+        ));
         routes.push(backend_route(backend, &backend.url));
     }
     for chain in &chains {
@@ -288,6 +294,9 @@ fn access_log() -> Value {
                 "details": "%RESPONSE_CODE_DETAILS%",
                 "flags": "%RESPONSE_FLAGS%",
                 "upstream_host": "%UPSTREAM_HOST%",
+                // Every attempt, refused connections included (a fallback
+                // chain's attempts are also in the processor's log line).
+                "upstream_attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
                 "bytes_received": "%BYTES_RECEIVED%",
                 "bytes_sent": "%BYTES_SENT%",
                 "duration_ms": "%DURATION%",
@@ -466,7 +475,11 @@ fn chain_route(config: &Config, chain: &[&BackendConfig]) -> Value {
     } else {
         chain.iter().map(|b| b.request_timeout).sum()
     };
-    let idle = chain.iter().map(|b| b.idle_timeout).max().unwrap_or_default();
+    let idle = chain
+        .iter()
+        .map(|b| b.idle_timeout)
+        .max()
+        .unwrap_or_default();
     json!({
         "name": format!("backend-{name}"),
         "match": {
@@ -499,7 +512,11 @@ fn chain_route(config: &Config, chain: &[&BackendConfig]) -> Value {
     })
 }
 
-fn backend_cluster(backend: &BackendConfig, url: &BackendUrl, chained: Option<&RetryConfig>) -> Value {
+fn backend_cluster(
+    backend: &BackendConfig,
+    url: &BackendUrl,
+    chained: Option<&RetryConfig>,
+) -> Value {
     let ip = url.host.parse::<IpAddr>().ok();
     let mut cluster = json!({
         "name": backend.name,
@@ -739,6 +756,60 @@ mod tests {
         assert_eq!(
             dialable("0.0.0.0:1063".parse().unwrap()).to_string(),
             "127.0.0.1:1063"
+        );
+    }
+
+    /// A chain renders as an aggregate cluster with the attempt pass in
+    /// its upstream filters, and a route whose retries walk the chain once.
+    #[test]
+    fn a_chain_gets_its_cluster_route_and_attempt_pass() {
+        let c = config(
+            "extproc: {listen: '127.0.0.1:1063', secret_file: /dev/null}\nbackends:\n  - {name: a, url: 'http://10.0.0.1:1', api_key_file: k, request_timeout: 10s}\n  - {name: b, url: 'https://b.example/v1', api_key_file: k, request_timeout: 20s}\n  - {name: c, url: 'http://10.0.0.3', api_key_file: k}\nmodels:\n  - {name: m, backend: a, fallbacks: [{backend: b}]}\n  - {name: n, backend: a, fallbacks: [{backend: b}]}\n  - {name: o, backend: c}\nretry: {retry_on: [429, 503, connect-failure], max_attempts: 5}\n",
+        );
+        // The secret file cannot be read as a secret: render the parts.
+        let chains = chains(&c);
+        assert_eq!(chains.len(), 1, "two models, one chain");
+        let route = chain_route(&c, &chains[0]);
+        assert_eq!(route["route"]["cluster"], "chain~a~b");
+        assert_eq!(
+            route["match"]["headers"][0]["string_match"]["exact"],
+            "chain~a~b"
+        );
+        let retry = &route["route"]["retry_policy"];
+        assert_eq!(retry["retry_on"], "retriable-status-codes,connect-failure");
+        assert_eq!(retry["retriable_status_codes"], json!([429, 503]));
+        assert_eq!(retry["num_retries"], 1, "capped by the chain's length");
+        assert_eq!(route["route"]["timeout"], "30s");
+        assert_eq!(route["route"]["auto_host_rewrite"], true);
+
+        let open = config(
+            "backends:\n  - {name: a, url: 'http://10.0.0.1:1', api_key_file: k}\n  - {name: b, url: 'https://b.example/v1', api_key_file: k}\n  - {name: c, url: 'http://10.0.0.3', api_key_file: k}\nmodels:\n  - {name: m, backend: a, fallbacks: [{backend: b}]}\n  - {name: o, backend: c}\n",
+        );
+        let v: Value = serde_yaml_ng::from_str(&render(&open).unwrap()).unwrap();
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let cluster = |name: &str| clusters.iter().find(|c| c["name"] == name).unwrap();
+        let chain = cluster("chain~a~b");
+        assert_eq!(
+            chain["cluster_type"]["typed_config"]["clusters"],
+            json!(["a", "b"])
+        );
+        let filters = &chain["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+        let attempt = &filters[0]["typed_config"];
+        assert_eq!(
+            attempt["grpc_service"]["initial_metadata"],
+            json!([{"key": PASS_HEADER, "value": ATTEMPT_PASS}])
+        );
+        assert_eq!(attempt["request_attributes"], json!([BACKEND_ATTRIBUTE]));
+        assert_eq!(filters[2]["name"], "envoy.filters.http.upstream_codec");
+        // Outlier detection only where a chain can take over.
+        assert_eq!(cluster("a")["outlier_detection"]["consecutive_5xx"], 3);
+        assert!(cluster("c").get("outlier_detection").is_none());
+        let endpoint = &cluster("b")["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+        assert_eq!(endpoint["endpoint"]["hostname"], "b.example");
+        assert_eq!(
+            endpoint["metadata"]["filter_metadata"][METADATA_NAMESPACE]["backend"],
+            "b"
         );
     }
 

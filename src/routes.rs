@@ -123,7 +123,8 @@ impl RouteTable {
                 .collect();
             let chain = (!fallbacks.is_empty()).then(|| {
                 Arc::from(chain_name(
-                    std::iter::once(&*backend.name).chain(fallbacks.iter().map(|h| &*h.backend.name)),
+                    std::iter::once(&*backend.name)
+                        .chain(fallbacks.iter().map(|h| &*h.backend.name)),
                 ))
             });
             let route = Route {

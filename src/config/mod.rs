@@ -512,6 +512,47 @@ limits: {max_request_body_bytes: 10}
         }
     }
 
+    #[test]
+    fn fallback_chains_and_retry_are_checked() {
+        let err = parse(
+            r#"
+backends:
+  - {name: a, url: "http://h", api_key_file: k}
+  - {name: b, url: "http://h", api_key_file: k}
+models:
+  - {name: m, backend: a, fallbacks: [{backend: b}, {backend: a}, {backend: nope}, {backend: b, upstream_model: "x*"}]}
+retry: {retry_on: [429, 400], max_attempts: 0, eject_after: 0, ejection_time: 0s}
+"#,
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "models[0].fallbacks[3].upstream_model",
+                "models[0].fallbacks[1].backend",
+                "models[0].fallbacks[2].backend",
+                "models[0].fallbacks[3].backend",
+                "retry.max_attempts",
+                "retry.eject_after",
+                "retry.ejection_time",
+                "retry.retry_on[1]",
+            ]
+        );
+        let good = parse(
+            "backends:\n  - {name: a, url: 'http://h', api_key_file: k}\n  - {name: b, url: 'http://h', api_key_file: k}\nmodels: [{name: m, backend: a, fallbacks: [{backend: b, upstream_model: m2}]}]\n",
+        )
+        .unwrap();
+        assert_eq!(good.retry, RetryConfig::default());
+        assert_eq!(
+            good.models[0].fallbacks[0].upstream_model.as_deref(),
+            Some("m2")
+        );
+    }
+
     /// A value of the wrong form (a URL, an address) stops the parse at
     /// its field, with the line.
     #[test]

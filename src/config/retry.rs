@@ -65,7 +65,11 @@ impl<'de> Deserialize<'de> for RetryOn {
                     "reset" => Ok(RetryOn::Reset),
                     other => other
                         .parse::<u64>()
-                        .map_err(|_| E::custom(format!("{other:?} is not a status code, connect-failure or reset")))
+                        .map_err(|_| {
+                            E::custom(format!(
+                                "{other:?} is not a status code, connect-failure or reset"
+                            ))
+                        })
                         .and_then(|n| self.visit_u64(n)),
                 }
             }
@@ -132,7 +136,8 @@ mod tests {
 
     #[test]
     fn retry_on_forms() {
-        let v: Vec<RetryOn> = serde_yaml_ng::from_str("[429, '503', connect-failure, reset]").unwrap();
+        let v: Vec<RetryOn> =
+            serde_yaml_ng::from_str("[429, '503', connect-failure, reset]").unwrap();
         assert_eq!(
             v,
             [
@@ -143,7 +148,10 @@ mod tests {
             ]
         );
         for bad in ["[200]", "[600]", "[sometimes]", "[-1]"] {
-            assert!(serde_yaml_ng::from_str::<Vec<RetryOn>>(bad).is_err(), "{bad}");
+            assert!(
+                serde_yaml_ng::from_str::<Vec<RetryOn>>(bad).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(RetryConfig::default().retry_on.len(), 7);
     }

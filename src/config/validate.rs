@@ -65,10 +65,12 @@ impl Config {
             }
             let mut chain = vec![m.backend.as_str()];
             let hops = std::iter::once((at("upstream_model"), &m.upstream_model)).chain(
-                m.fallbacks
-                    .iter()
-                    .enumerate()
-                    .map(|(j, f)| (format!("models[{i}].fallbacks[{j}].upstream_model"), &f.upstream_model)),
+                m.fallbacks.iter().enumerate().map(|(j, f)| {
+                    (
+                        format!("models[{i}].fallbacks[{j}].upstream_model"),
+                        &f.upstream_model,
+                    )
+                }),
             );
             for (field, upstream) in hops {
                 if let Some(up) = upstream {
@@ -82,7 +84,10 @@ impl Config {
             for (j, f) in m.fallbacks.iter().enumerate() {
                 let field = format!("models[{i}].fallbacks[{j}].backend");
                 if !self.backends.iter().any(|b| b.name == f.backend) {
-                    report(field, format!("no backend named {:?} in `backends`", f.backend));
+                    report(
+                        field,
+                        format!("no backend named {:?} in `backends`", f.backend),
+                    );
                 } else if chain.contains(&f.backend.as_str()) {
                     report(
                         field,

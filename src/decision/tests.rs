@@ -300,7 +300,12 @@ fn a_chain_is_forwarded_as_a_chain() {
     let hops: Vec<(String, Option<String>)> = f
         .route
         .hops()
-        .map(|h| (h.backend.name.to_string(), h.upstream_model.map(|m| m.to_string())))
+        .map(|h| {
+            (
+                h.backend.name.to_string(),
+                h.upstream_model.map(|m| m.to_string()),
+            )
+        })
         .collect();
     assert_eq!(
         hops,

@@ -155,10 +155,12 @@ fn attempt_changes(chain: &ChainRequest, hop: &Hop, authorization: &[u8]) -> Cha
 fn backend_attribute(
     attributes: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Struct>,
 ) -> Option<String> {
-    attributes.values().find_map(|s| match s.fields.get(BACKEND_ATTRIBUTE)?.kind.as_ref()? {
-        Kind::StringValue(v) => Some(v.clone()),
-        _ => None,
-    })
+    attributes
+        .values()
+        .find_map(|s| match s.fields.get(BACKEND_ATTRIBUTE)?.kind.as_ref()? {
+            Kind::StringValue(v) => Some(v.clone()),
+            _ => None,
+        })
 }
 
 impl Drop for AttemptExchange {

@@ -126,7 +126,11 @@ pub struct ChainRequests {
 
 impl ChainRequests {
     /// Registers a request; returns the id its attempts will carry.
-    pub fn register(&self, client_request_id: &str, request: ChainRequest) -> (Box<str>, Arc<ChainRequest>) {
+    pub fn register(
+        &self,
+        client_request_id: &str,
+        request: ChainRequest,
+    ) -> (Box<str>, Arc<ChainRequest>) {
         let n = self.sequence.fetch_add(1, Ordering::Relaxed);
         let id: Box<str> = format!("{client_request_id}.{n}").into();
         let request = Arc::new(request);
@@ -168,7 +172,10 @@ mod tests {
             Path::new("t.yaml"),
         )
         .unwrap();
-        crate::routes::RouteTable::new(&config).resolve("m").unwrap().clone()
+        crate::routes::RouteTable::new(&config)
+            .resolve("m")
+            .unwrap()
+            .clone()
     }
 
     #[test]

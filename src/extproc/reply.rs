@@ -87,7 +87,10 @@ pub fn forward(forward: &Forward, chain_id: Option<&str>) -> Changes {
             set.push(set_header(REQUEST_ID_HEADER, id.as_bytes()));
         }
         (Target::Backend { key, body: renamed }, _, _) => {
-            set.push(set_header(BACKEND_HEADER, forward.route.backend.name.as_bytes()));
+            set.push(set_header(
+                BACKEND_HEADER,
+                forward.route.backend.name.as_bytes(),
+            ));
             set.push(set_header("authorization", key.authorization().as_bytes()));
             if let Some(b) = renamed {
                 set.push(set_header("content-length", b.len().to_string().as_bytes()));
@@ -137,7 +140,9 @@ pub fn request_headers_replacing_body(changes: Changes) -> ProcessingResponse {
     if let (true, Some(c)) = (replace, common.as_mut()) {
         c.status = ResponseStatus::ContinueAndReplace as i32;
     }
-    wrap(Response::RequestHeaders(HeadersResponse { response: common }))
+    wrap(Response::RequestHeaders(HeadersResponse {
+        response: common,
+    }))
 }
 
 pub fn request_body(changes: Changes) -> ProcessingResponse {

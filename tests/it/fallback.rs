@@ -29,17 +29,28 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
         .model_yaml("{name: gpt-4o-mini, backend: tars, fallbacks: [{backend: other, upstream_model: gpt-4o-mini-2024-07-18}]}")
         .start()
         .await;
-    let reply = gw.post_json("/v1/chat/completions", &chat("gpt-4o-mini")).await;
+    let reply = gw
+        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .await;
     assert_eq!(reply.status, 200, "{}\n{}", reply.text(), gw.envoy_logs());
-    assert_eq!(reply.json()["choices"][0]["message"]["content"], "Hello from other.");
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "Hello from other."
+    );
 
     let tried = primary.requests();
     assert_eq!(tried.len(), 1);
-    assert_eq!(tried[0].header("authorization"), Some("Bearer sk-primary-key"));
+    assert_eq!(
+        tried[0].header("authorization"),
+        Some("Bearer sk-primary-key")
+    );
     assert_eq!(tried[0].json()["model"], "gpt-4o-mini");
     let answered = other.requests();
     assert_eq!(answered.len(), 1);
-    assert_eq!(answered[0].header("authorization"), Some("Bearer sk-other-key"));
+    assert_eq!(
+        answered[0].header("authorization"),
+        Some("Bearer sk-other-key")
+    );
     assert_eq!(answered[0].json()["model"], "gpt-4o-mini-2024-07-18");
     assert_eq!(answered[0].path, "/v1/chat/completions");
     assert_eq!(
@@ -48,4 +59,318 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
     );
     let line = gw.wait_for_log(&["attempts=\"tars:429 other:200\""]);
     assert!(line.contains("backend=\"other\""), "{line}");
+}
+
+fn status(code: u16, retry_after: Option<&str>) -> Canned {
+    Canned {
+        status: code,
+        headers: [("content-type".to_string(), "application/json".to_string())]
+            .into_iter()
+            .chain(retry_after.map(|r| ("retry-after".to_string(), r.to_string())))
+            .collect(),
+        body: format!(
+            r#"{{"error":{{"message":"from the fake: {code}","type":"server_error","code":"fake_{code}"}}}}"#
+        ),
+    }
+}
+
+/// A gateway with `gpt-4o-mini` on `tars` (at `primary`) falling back to
+/// `other`, keys `sk-primary-key` and `sk-other-key`.
+async fn chained(primary_url: &str, other: &FakeUpstream, extra: &str) -> Gateway {
+    Gateway::builder()
+        .backend("tars", primary_url, Some("sk-primary-key"))
+        .backend("other", &other.url(), Some("sk-other-key"))
+        .model_yaml("{name: gpt-4o-mini, backend: tars, fallbacks: [{backend: other}]}")
+        .model("solo", "tars")
+        .extra_yaml(extra)
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn a_primary_that_refuses_connections_hands_over() {
+    let other = FakeUpstream::start("other").await;
+    let closed = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let gw = chained(&closed, &other, "").await;
+    let reply = gw
+        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        other.last().header("authorization"),
+        Some("Bearer sk-other-key")
+    );
+    // Envoy's upstream filters, the attempt pass among them, run once a
+    // connection is made: a refused connection is an attempt only Envoy
+    // sees, and its access log counts it.
+    gw.wait_for_log(&["attempts=\"other:200\""]);
+    let access = gw.envoy_logs();
+    assert!(access.contains("\"upstream_attempts\":2"), "{access}");
+}
+
+/// A streamed request whose primary answers 503 before any event: the
+/// fallback's stream reaches the client whole, and only it.
+#[tokio::test]
+async fn a_stream_whose_primary_fails_first_arrives_whole_from_the_fallback() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(status(503, None)));
+    let gw = chained(&primary.url(), &other, "").await;
+    let mut body = chat("gpt-4o-mini");
+    body["stream"] = true.into();
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let reply = gw.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let text = reply.text();
+    let content: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, "Hello from other.", "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("fake_503"), "{text}");
+    let line = gw.wait_for_log(&["attempts=\"tars:503 other:200\""]);
+    assert!(
+        line.contains("output_tokens=4"),
+        "usage read from the fallback: {line}"
+    );
+}
+
+/// Every backend fails: the client gets the last answer as it was, its
+/// `Retry-After` included.
+#[tokio::test]
+async fn when_every_backend_fails_the_last_answer_reaches_the_client() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(status(503, None)));
+    other.set_canned(Some(throttled()));
+    let gw = chained(&primary.url(), &other, "").await;
+    let reply = gw
+        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("7"));
+    assert_eq!(reply.json()["error"]["message"], "quota spent");
+    assert_eq!((primary.requests().len(), other.requests().len()), (1, 1));
+    gw.wait_for_log(&["attempts=\"tars:503 other:429\""]);
+}
+
+/// A bad request is the client's: another provider will not fix it. And
+/// a rejected key is not retried either, by default (the next backend's
+/// key may be fine, but a dead key must be seen, not hidden).
+#[tokio::test]
+async fn a_400_and_a_401_are_not_retried() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    let gw = chained(&primary.url(), &other, "").await;
+    for code in [400, 401] {
+        primary.set_canned(Some(status(code, None)));
+        let reply = gw
+            .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await;
+        assert_eq!(reply.status, code, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], format!("fake_{code}"));
+    }
+    assert_eq!(primary.requests().len(), 2);
+    assert!(other.requests().is_empty(), "the fallback was tried");
+}
+
+/// 401 moves on when the operator says so (`retry.retry_on`).
+#[tokio::test]
+async fn a_401_moves_on_when_retry_on_names_it() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(status(401, None)));
+    let gw = chained(
+        &primary.url(),
+        &other,
+        "retry: {retry_on: [401, 429, 503]}\n",
+    )
+    .await;
+    let reply = gw
+        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        other.last().header("authorization"),
+        Some("Bearer sk-other-key")
+    );
+}
+
+/// A 1 MiB body reaches the fallback byte for byte, with its length.
+#[tokio::test]
+async fn a_large_body_arrives_intact_at_the_fallback() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(throttled()));
+    let gw = chained(&primary.url(), &other, "").await;
+    let filler = "x".repeat(1024 * 1024);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": filler}],
+    }))
+    .unwrap();
+    let reply = gw.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = other.last();
+    assert!(
+        got.body == body[..],
+        "the body changed on its way to the fallback"
+    );
+    assert_eq!(
+        got.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+}
+
+/// A new key for the fallback applies to its next attempts, without a
+/// restart.
+#[tokio::test]
+async fn the_fallbacks_new_key_applies_to_its_attempts() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(throttled()));
+    let gw = chained(&primary.url(), &other, "").await;
+    assert_eq!(
+        gw.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        other.last().header("authorization"),
+        Some("Bearer sk-other-key")
+    );
+    crate::support::rename_key(&gw.key_file("other"), "sk-other-rotated");
+    gw.wait_for_log(&["API key loaded", "backend=\"other\"", "generation=2"]);
+    assert_eq!(
+        gw.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        other.last().header("authorization"),
+        Some("Bearer sk-other-rotated")
+    );
+    // The primary never sees the fallback's key, old or new.
+    for r in primary.requests() {
+        assert_eq!(r.header("authorization"), Some("Bearer sk-primary-key"));
+    }
+}
+
+/// A model without fallbacks makes one attempt: a 429 goes to the client.
+#[tokio::test]
+async fn a_model_without_fallbacks_makes_exactly_one_attempt() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(throttled()));
+    let gw = chained(&primary.url(), &other, "").await;
+    let reply = gw.post_json("/v1/chat/completions", &chat("solo")).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("retry-after"), Some("7"));
+    assert_eq!(primary.requests().len(), 1);
+    assert!(other.requests().is_empty());
+    let line = gw.wait_for_log(&["model=\"solo\"", "attempts="]);
+    assert!(line.contains("attempts=\"-\""), "{line}");
+}
+
+/// A backend that keeps failing is left out for a while: after
+/// `eject_after` failures in a row, requests go straight to the fallback.
+#[tokio::test]
+async fn a_failing_backend_is_ejected_then_skipped() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(status(503, None)));
+    let gw = chained(
+        &primary.url(),
+        &other,
+        "retry: {eject_after: 2, ejection_time: 30s}\n",
+    )
+    .await;
+    for _ in 0..5 {
+        let reply = gw
+            .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(primary.requests().len(), 2, "tried after it was ejected");
+    assert_eq!(other.requests().len(), 5);
+    let stats = crate::support::client()
+        .get(format!(
+            "{}/stats?filter=outlier_detection",
+            gw.envoy_admin_url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("cluster.tars.outlier_detection.ejections_enforced_total: 1"),
+        "{stats}"
+    );
+}
+
+/// Tokens, dollars and the GenAI metrics go to the backend that answered.
+#[tokio::test]
+async fn usage_and_spend_are_counted_for_the_backend_that_answered() {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(Some(throttled()));
+    let gw = chained(
+        &primary.url(),
+        &other,
+        "spend: {limits: {usd_per_day: 100}, prices: [{model: '*', input: 1.0, output: 2.0}]}\n",
+    )
+    .await;
+    let reply = gw
+        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let metrics = gw.admin_get("/metrics").await.text();
+    let spent = crate::support::metric(
+        &metrics,
+        "ai_gateway_spend_usd_total{",
+        &["backend=\"other\"", "model=\"gpt-4o-mini\""],
+    );
+    assert!(spent.is_some_and(|usd| usd > 0.0), "{metrics}");
+    assert!(
+        !metrics.lines().any(|l| l.starts_with("ai_gateway_spend_usd_total{") && l.contains("backend=\"tars\"")),
+        "{metrics}"
+    );
+    for (backend, outcome) in [("tars", "429"), ("other", "200")] {
+        assert_eq!(
+            crate::support::metric(
+                &metrics,
+                "ai_gateway_attempts_total{",
+                &[
+                    &format!("backend=\"{backend}\""),
+                    &format!("outcome=\"{outcome}\"")
+                ],
+            ),
+            Some(1.0),
+            "{metrics}"
+        );
+    }
+    let token_series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("gen_ai_client_token_usage_count{"))
+        .collect();
+    assert!(!token_series.is_empty(), "{metrics}");
+    assert!(
+        token_series
+            .iter()
+            .all(|l| l.contains("gen_ai_provider_name=\"other\"")),
+        "{token_series:?}"
+    );
 }
