@@ -64,7 +64,7 @@ fn warn_about_restart_needs(old: &Config, new: &Config) {
     let rendered = |c: &Config| envoy_config::render(c).ok();
     if rendered(old) != rendered(new) {
         tracing::warn!(
-            "the new configuration changes Envoy's bootstrap (backends, timeouts, limits or listeners): \
+            "the new configuration changes Envoy's bootstrap (backends, fallback chains, retries, timeouts, limits or listeners): \
              render it with `ai-gateway-extproc envoy-config` and restart Envoy for those parts to apply"
         );
     }

@@ -18,7 +18,11 @@
 //! - local reply mappers, so Envoy's own errors are OpenAI-shaped JSON too;
 //! - one cluster per backend (TLS with SNI, the system CA bundle and a
 //!   name check for `https`)
-//!   and one for the processor (HTTP/2, TCP or Unix socket).
+//!   and one for the processor (HTTP/2, TCP or Unix socket);
+//! - per fallback chain, an aggregate cluster over its backends' clusters
+//!   (one priority each, in order) whose upstream filters run the attempt
+//!   pass once per attempt, and a route whose retries skip the priorities
+//!   already tried, so each backend is tried at most once.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -280,10 +284,12 @@ fn access_log() -> Value {
                 // Without the query: a client may put a key there.
                 "path": "%REQ_WITHOUT_QUERY(:PATH)%",
                 // The routing headers are gone by now (removed on the way
-                // upstream): the cluster is the backend, and the processor's
-                // one metadata write names the model.
+                // upstream): the processor's one metadata write names the
+                // model and the backend that answered (on a fallback chain
+                // the cluster is the chain's).
                 "model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%"),
-                "backend": "%UPSTREAM_CLUSTER%",
+                "backend": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:backend)%"),
+                "upstream_cluster": "%UPSTREAM_CLUSTER%",
                 "response_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:response_model)%"),
                 "input_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:input_tokens)%"),
                 "output_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:output_tokens)%"),
