@@ -100,7 +100,7 @@ class Processes:
             self.stop(p)
 
 
-def wait_http(url, timeout=30.0, method="GET", body=None, headers=None):
+def wait_http(url, timeout=30.0, method="GET", body=None, headers=None, up=lambda status: status < 500):
     deadline = time.monotonic() + timeout
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1] if url.count("/") > 2 else "/"
@@ -110,7 +110,7 @@ def wait_http(url, timeout=30.0, method="GET", body=None, headers=None):
             c.request(method, path, body=body, headers=headers or {})
             r = c.getresponse()
             r.read()
-            if r.status < 500:
+            if up(r.status):
                 return r.status
         except OSError:
             pass
@@ -302,7 +302,7 @@ def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
     return int(totals[0].split()[1]) / requests
 
 
-def oha(url, seconds, connections, body, stream=False, rate=None, headers=()):
+def oha(url, seconds, connections, body, stream=False, rate=None, headers=(), expect="200"):
     args = [os.environ.get("OHA", "oha"), "-z", f"{seconds}s", "-c", str(connections), "--no-tui",
             "--output-format", "json", "-m", "POST", "-H", "content-type: application/json", "-d", body,
             url + "/v1/chat/completions"]
@@ -315,7 +315,7 @@ def oha(url, seconds, connections, body, stream=False, rate=None, headers=()):
     out = subprocess.run(args, check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     codes = r.get("statusCodeDistribution", {})
-    bad = {k: v for k, v in codes.items() if k != "200"}
+    bad = {k: v for k, v in codes.items() if k != expect}
     if bad or r["summary"]["successRate"] < 0.999:
         raise SystemExit(f"bench: failed requests against {url}: {codes} {r['summary']}")
     p = r["latencyPercentiles"]
@@ -506,6 +506,127 @@ def spend_rows(procs, workdir, up, a, alternate, rates):
     return rows
 
 
+def start_failing_upstream(procs, workdir):
+    """An nginx that answers every request 503 at once: a provider that is
+    down but answers fast."""
+    port = free_port()
+    d = workdir / "nginx-fail"
+    (d / "logs").mkdir(parents=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  client_body_buffer_size 1m;
+  keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{ default_type application/json; return 503 '{{"error":{{"message":"down","type":"server_error"}}}}'; }}
+  }}
+}}
+""")
+    procs.start("nginx-fail", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(d)])
+    wait_http(f"http://127.0.0.1:{port}/", up=lambda status: status == 503)
+    return port
+
+
+def chain_config(workdir, name, primary_port, fallback_port, binary=None, extra=""):
+    """A gateway whose models go to `primary`, falling back to `fallback`
+    (None: no fallback)."""
+    keys = workdir / f"keys-{name}"
+    keys.mkdir(exist_ok=True)
+    (keys / "apiKey").write_text("sk-bench-0\n")
+    conf = workdir / f"conf-{name}"
+    conf.mkdir(exist_ok=True)
+    fallback = f", fallbacks: [{{backend: second}}]" if fallback_port else ""
+    second = (f'  - {{name: second, url: "http://127.0.0.1:{fallback_port}", api_key_file: "{keys / "apiKey"}"}}\n'
+              if fallback_port else "")
+    cfg = conf / "gateway.yaml"
+    cfg.write_text(f"""
+extproc: {{listen: "unix:{workdir}/{name}.sock"}}
+admin: {{listen: "127.0.0.1:{free_port()}"}}
+envoy: {{listen: "127.0.0.1:{free_port()}"}}
+backends:
+  - {{name: first, url: "http://127.0.0.1:{primary_port}", api_key_file: "{keys / "apiKey"}"}}
+{second}models:
+  - {{name: "*", backend: first{fallback}}}
+{extra}""")
+    out = subprocess.run([str(binary or EXTPROC), "envoy-config", "--config", str(cfg)], check=True,
+                         capture_output=True, text=True)
+    return cfg, yaml.safe_load(out.stdout)
+
+
+def fallback_rows(procs, workdir, up, a, alternate, rates):
+    """What fallback costs: a model without a chain (now, and before this
+    change with --baseline), the same model on a chain whose first backend
+    answers (the attempt pass, no retry), and a chain whose first backend
+    fails fast (one retry), against that failing backend alone."""
+    down = start_failing_upstream(procs, workdir)
+    setups = [("plain", up, None, None), ("chain", up, up, None), ("retry", down, up, None), ("down", down, None, None)]
+    # Ejection would take the failing backend out after a few requests:
+    # kept off so that every request of "retry" fails over.
+    no_ejection = "retry: {eject_after: 4000000000}\n"
+    if a.baseline:
+        setups.append(("before", up, None, a.baseline))
+    urls, exts = {}, {}
+    for name, primary, fallback, binary in setups:
+        cfg, bootstrap = chain_config(workdir, f"fb-{name}", primary, fallback, binary,
+                                      no_ejection if name == "retry" else "")
+        exts[name] = procs.start(f"extproc-fb-{name}", [str(binary or EXTPROC), "--config", str(cfg)])
+        admin = yaml.safe_load(cfg.read_text())["admin"]["listen"]
+        wait_http(f"http://{admin}/healthz")
+        path = workdir / f"envoy-fb-{name}.yaml"
+        path.write_text(yaml.safe_dump(bootstrap))
+        procs.start(f"envoy-fb-{name}", [str(ENVOY), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+                                         "--log-level", "error"])
+        listen = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+        urls[name] = f"http://127.0.0.1:{listen['port_value']}"
+        wait_http(urls[name] + "/v1/chat/completions", method="POST", body=CHAT,
+                  headers={"content-type": "application/json"}, up=lambda status: status in (200, 503))
+    order = [n for n, *_ in setups]
+    for n in order:
+        oha(urls[n], 2, a.connections, CHAT, expect="503" if n == "down" else "200")
+    saturating = [n for n in order if n in ("plain", "chain", "before")]
+    cpu0 = {n: cpu_seconds(exts[n].pid) for n in saturating}
+    medians, runs = alternate([urls[n] for n in saturating], body=CHAT)
+    m = dict(zip(saturating, medians))
+    cpu = {n: (cpu_seconds(exts[n].pid) - cpu0[n]) / sum(r["n"] for r in runs[urls[n]]) * 1e6 for n in saturating}
+    rows = []
+    if "before" in m:
+        rows += [
+            ("fallback: a model without a chain, before this change (A) and now (B): chat throughput (req/s)",
+             f"{m['before']['rps']:,.0f}", f"{m['plain']['rps']:,.0f}", f"{m['plain']['rps'] / m['before']['rps']:.2f}", "≥ 1.0 (noise ±0.1)"),
+            ("fallback: a model without a chain, before and now: processor CPU per request",
+             f"{cpu['before']:.0f} µs", f"{cpu['plain']:.0f} µs", f"{cpu['plain'] - cpu['before']:+.1f} µs", ""),
+        ]
+    rows += [
+        ("fallback: a model without a chain (A) and on a chain whose first backend answers (B): chat throughput (req/s)",
+         f"{m['plain']['rps']:,.0f}", f"{m['chain']['rps']:,.0f}", f"{m['chain']['rps'] / m['plain']['rps']:.2f}", ""),
+        ("fallback: the same, processor CPU per request (the attempt pass)", f"{cpu['plain']:.0f} µs",
+         f"{cpu['chain']:.0f} µs", f"{cpu['chain'] - cpu['plain']:+.1f} µs", ""),
+    ]
+    for rate in rates:
+        lat, _ = alternate([urls[n] for n in order], body=CHAT, rate=rate, expect={urls["down"]: "503"})
+        l = dict(zip(order, lat))
+        if "before" in l:
+            rows.append((f"fallback: no chain at {rate:,} req/s, before (A) and now (B): p50 / p99 (ms)",
+                         f"{l['before']['p50']:.2f} / {l['before']['p99']:.2f}", f"{l['plain']['p50']:.2f} / {l['plain']['p99']:.2f}",
+                         f"{l['plain']['p50'] - l['before']['p50']:+.2f} ms p50", "≤ +0 (noise)"))
+        rows.append((f"fallback: chain, first backend answers, at {rate:,} req/s: p50 / p99 (ms); A: no chain",
+                     f"{l['plain']['p50']:.2f} / {l['plain']['p99']:.2f}", f"{l['chain']['p50']:.2f} / {l['chain']['p99']:.2f}",
+                     f"{l['chain']['p50'] - l['plain']['p50']:+.2f} ms p50", ""))
+        rows.append((f"fallback: first backend fails fast (503), the next answers, at {rate:,} req/s: p50 / p99 (ms); "
+                     "A: the failing backend alone (the client gets its 503)",
+                     f"{l['down']['p50']:.2f} / {l['down']['p99']:.2f}", f"{l['retry']['p50']:.2f} / {l['retry']['p99']:.2f}",
+                     f"the retry adds {l['retry']['p50'] - l['down']['p50']:+.2f} ms p50", "≤ +1 ms"))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="duration of each load run")
@@ -520,8 +641,12 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend"], default="all",
-                    help="spend: only the spend-control rows (a key with limits vs without)")
+    ap.add_argument("--only", choices=["all", "spend", "fallback"], default="all",
+                    help="spend: only the spend-control rows (a key with limits vs without); "
+                         "fallback: only the fallback rows")
+    ap.add_argument("--baseline", type=pathlib.Path,
+                    help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
+                         "on it and on this one")
     a = ap.parse_args()
     rates = [int(r) for r in a.rates.split(",")]
 
@@ -531,18 +656,22 @@ def main():
     def median_of(runs):
         return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
-    def alternate(urls, **kw):
-        """Runs each URL in turn, `rounds` times; medians per URL."""
+    def alternate(urls, expect=None, **kw):
+        """Runs each URL in turn, `rounds` times; medians per URL.
+        `expect`: the status each URL answers, when not 200."""
         runs = {u: [] for u in urls}
         for _ in range(a.rounds):
             for u in urls:
-                runs[u].append(oha(u, a.seconds, a.connections, **kw))
+                runs[u].append(oha(u, a.seconds, a.connections, expect=(expect or {}).get(u, "200"), **kw))
         return [median_of(runs[u]) for u in urls], runs
 
     try:
         up = start_nginx(procs, workdir)
         if a.only == "spend":
             rows += spend_rows(procs, workdir, up, a, alternate, [1000])
+            raise _Done
+        if a.only == "fallback":
+            rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
             raise _Done
         cfg_uds, key = gateway_config(workdir, up, "uds", name="b")
         cfg_tcp, _ = gateway_config(workdir, up, "tcp", name="btcp")
@@ -613,6 +742,7 @@ def main():
         rows.append(("key reload: file change → first request with the new key (20 rotations)", "",
                      f"p50 {r50:.1f} ms, max {rmax:.1f} ms", "", "p50 ≤ 100 ms, max ≤ 1 s"))
         rows += spend_rows(procs, workdir, up, a, alternate, [1000])
+        rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
         before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
@@ -651,6 +781,8 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
+    elif a.only == "fallback":
+        columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"
     table = [columns, "|---|---|---|---|---|"]
@@ -665,7 +797,8 @@ def write_results(a, rows):
         f"processor: {version([str(EXTPROC), '--version'])}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
         f"upstream: {version(['nginx', '-v']) or 'nginx'}",
         f"- command: `scripts/bench.sh --seconds {a.seconds} --rounds {a.rounds} --connections {a.connections} --rates {a.rates}"
-        f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}`",
+        f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}"
+        f"{' --baseline ' + a.baseline.name if a.baseline else ''}`",
         f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
         f"A and B alternate {a.rounds} times per measure and the medians are shown; "
         "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",

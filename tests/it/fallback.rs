@@ -84,6 +84,21 @@ fn status(code: u16, retry_after: Option<&str>) -> Canned {
     }
 }
 
+/// Two fake providers answering as `primary` and `other` would (or
+/// `canned`), and a gateway chaining them (see `chained`).
+async fn chain_of_two(
+    primary_answer: Option<Canned>,
+    other_answer: Option<Canned>,
+    extra: &str,
+) -> (FakeUpstream, FakeUpstream, Gateway) {
+    let primary = FakeUpstream::start("primary").await;
+    let other = FakeUpstream::start("other").await;
+    primary.set_canned(primary_answer);
+    other.set_canned(other_answer);
+    let gw = chained(&primary.url(), &other, extra).await;
+    (primary, other, gw)
+}
+
 /// A gateway with `gpt-4o-mini` on `tars` (at `primary`) falling back to
 /// `other`, keys `sk-primary-key` and `sk-other-key`.
 async fn chained(primary_url: &str, other: &FakeUpstream, extra: &str) -> Gateway {
@@ -122,10 +137,7 @@ async fn a_primary_that_refuses_connections_hands_over() {
 /// fallback's stream reaches the client whole, and only it.
 #[tokio::test]
 async fn a_stream_whose_primary_fails_first_arrives_whole_from_the_fallback() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(status(503, None)));
-    let gw = chained(&primary.url(), &other, "").await;
+    let (_primary, _other, gw) = chain_of_two(Some(status(503, None)), None, "").await;
     let mut body = chat("gpt-4o-mini");
     body["stream"] = true.into();
     body["stream_options"] = serde_json::json!({"include_usage": true});
@@ -158,11 +170,7 @@ async fn a_stream_whose_primary_fails_first_arrives_whole_from_the_fallback() {
 /// `Retry-After` included.
 #[tokio::test]
 async fn when_every_backend_fails_the_last_answer_reaches_the_client() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(status(503, None)));
-    other.set_canned(Some(throttled()));
-    let gw = chained(&primary.url(), &other, "").await;
+    let (primary, other, gw) = chain_of_two(Some(status(503, None)), Some(throttled()), "").await;
     let reply = gw
         .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
         .await;
@@ -178,9 +186,7 @@ async fn when_every_backend_fails_the_last_answer_reaches_the_client() {
 /// key may be fine, but a dead key must be seen, not hidden).
 #[tokio::test]
 async fn a_400_and_a_401_are_not_retried() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    let gw = chained(&primary.url(), &other, "").await;
+    let (primary, other, gw) = chain_of_two(None, None, "").await;
     for code in [400, 401] {
         primary.set_canned(Some(status(code, None)));
         let reply = gw
@@ -196,12 +202,9 @@ async fn a_400_and_a_401_are_not_retried() {
 /// 401 moves on when the operator says so (`retry.retry_on`).
 #[tokio::test]
 async fn a_401_moves_on_when_retry_on_names_it() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(status(401, None)));
-    let gw = chained(
-        &primary.url(),
-        &other,
+    let (_primary, other, gw) = chain_of_two(
+        Some(status(401, None)),
+        None,
         "retry: {retry_on: [401, 429, 503]}\n",
     )
     .await;
@@ -218,10 +221,7 @@ async fn a_401_moves_on_when_retry_on_names_it() {
 /// A 1 MiB body reaches the fallback byte for byte, with its length.
 #[tokio::test]
 async fn a_large_body_arrives_intact_at_the_fallback() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(throttled()));
-    let gw = chained(&primary.url(), &other, "").await;
+    let (_primary, other, gw) = chain_of_two(Some(throttled()), None, "").await;
     let filler = "x".repeat(1024 * 1024);
     let body = serde_json::to_vec(&serde_json::json!({
         "model": "gpt-4o-mini",
@@ -245,10 +245,7 @@ async fn a_large_body_arrives_intact_at_the_fallback() {
 /// restart.
 #[tokio::test]
 async fn the_fallbacks_new_key_applies_to_its_attempts() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(throttled()));
-    let gw = chained(&primary.url(), &other, "").await;
+    let (primary, other, gw) = chain_of_two(Some(throttled()), None, "").await;
     assert_eq!(
         gw.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
             .await
@@ -280,10 +277,7 @@ async fn the_fallbacks_new_key_applies_to_its_attempts() {
 /// A model without fallbacks makes one attempt: a 429 goes to the client.
 #[tokio::test]
 async fn a_model_without_fallbacks_makes_exactly_one_attempt() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(throttled()));
-    let gw = chained(&primary.url(), &other, "").await;
+    let (primary, other, gw) = chain_of_two(Some(throttled()), None, "").await;
     let reply = gw.post_json("/v1/chat/completions", &chat("solo")).await;
     assert_eq!(reply.status, 429);
     assert_eq!(reply.header("retry-after"), Some("7"));
@@ -297,12 +291,9 @@ async fn a_model_without_fallbacks_makes_exactly_one_attempt() {
 /// `eject_after` failures in a row, requests go straight to the fallback.
 #[tokio::test]
 async fn a_failing_backend_is_ejected_then_skipped() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(status(503, None)));
-    let gw = chained(
-        &primary.url(),
-        &other,
+    let (primary, other, gw) = chain_of_two(
+        Some(status(503, None)),
+        None,
         "retry: {eject_after: 2, ejection_time: 30s}\n",
     )
     .await;
@@ -334,12 +325,9 @@ async fn a_failing_backend_is_ejected_then_skipped() {
 /// Tokens, dollars and the GenAI metrics go to the backend that answered.
 #[tokio::test]
 async fn usage_and_spend_are_counted_for_the_backend_that_answered() {
-    let primary = FakeUpstream::start("primary").await;
-    let other = FakeUpstream::start("other").await;
-    primary.set_canned(Some(throttled()));
-    let gw = chained(
-        &primary.url(),
-        &other,
+    let (_primary, _other, gw) = chain_of_two(
+        Some(throttled()),
+        None,
         "spend: {limits: {usd_per_day: 100}, prices: [{model: '*', input: 1.0, output: 2.0}]}\n",
     )
     .await;
