@@ -172,3 +172,216 @@ impl Drop for AttemptExchange {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::common_response::ResponseStatus;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+
+    use crate::client_keys::ClientKeys;
+    use crate::config::Config;
+    use crate::decision::Target;
+    use crate::metrics::Metrics;
+    use crate::provider_keys::ProviderKeys;
+    use crate::spend::Spend;
+    use crate::state::Snapshot;
+
+    const CONFIG: &str = "backends:\n  - {name: a, url: 'http://127.0.0.1:1', api_key_file: k}\n  - {name: b, url: 'http://127.0.0.1:2/openai', api_key_file: k}\n  - {name: c, url: 'http://127.0.0.1:3', api_key_file: k}\nmodels:\n  - {name: m, backend: a, fallbacks: [{backend: b, upstream_model: m-b}]}\n";
+
+    fn state() -> Arc<GatewayState> {
+        let config = Config::from_text(CONFIG, Path::new("t.yaml")).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let spend = Spend::new(&config.spend, Arc::clone(&metrics)).unwrap();
+        Arc::new(GatewayState::new(
+            Snapshot::new(config),
+            Arc::new(ProviderKeys::from_keys([
+                ("a", "sk-a"),
+                ("b", "sk-b"),
+                ("c", "sk-c"),
+            ])),
+            metrics,
+            Arc::new(ClientKeys::default()),
+            spend,
+        ))
+    }
+
+    /// Registers a request for model `m` with `body`, as the router pass does.
+    fn register(state: &GatewayState, body: &[u8]) -> Box<str> {
+        let snapshot = state.snapshot();
+        let route = snapshot.routes.resolve("m").unwrap().clone();
+        let forward = crate::decision::decide_body(
+            &crate::decision::Admitted {
+                endpoint: crate::openai::Endpoint::ChatCompletions,
+                client: None,
+            },
+            body,
+            &snapshot,
+            &state.provider_keys,
+        )
+        .unwrap();
+        let Target::Chain { model_span } = forward.target else {
+            panic!("m is a chain");
+        };
+        let request = ChainRequest::new(
+            route,
+            "m".into(),
+            "/v1/chat/completions".into(),
+            Some((body.to_vec(), model_span)),
+            body.len(),
+        );
+        state.chains.register("client-id", request).0
+    }
+
+    fn request_headers(id: &str, backend: Option<&str>) -> ProcessingRequest {
+        let mut attributes = std::collections::HashMap::new();
+        if let Some(b) = backend {
+            let value = Value {
+                kind: Some(Kind::StringValue(b.into())),
+            };
+            attributes.insert(
+                "envoy.filters.http.ext_proc".to_string(),
+                Struct {
+                    fields: [(BACKEND_ATTRIBUTE.to_string(), value)].into(),
+                },
+            );
+        }
+        ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: REQUEST_ID_HEADER.into(),
+                        raw_value: id.as_bytes().to_vec(),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            })),
+            attributes,
+            ..Default::default()
+        }
+    }
+
+    fn response_headers(status: &str) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Request::ResponseHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: ":status".into(),
+                        raw_value: status.as_bytes().to_vec(),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// The headers an answer sets, and whether it replaces the body.
+    fn sets(answer: &ProcessingResponse) -> (Vec<(String, String)>, Option<Vec<u8>>) {
+        let Some(Response::RequestHeaders(h)) = &answer.response else {
+            panic!("not a headers answer: {answer:?}");
+        };
+        let common = h.response.as_ref().unwrap();
+        let set = common
+            .header_mutation
+            .as_ref()
+            .unwrap()
+            .set_headers
+            .iter()
+            .map(|o| {
+                let h = o.header.as_ref().unwrap();
+                (
+                    h.key.clone(),
+                    String::from_utf8_lossy(&h.raw_value).into_owned(),
+                )
+            })
+            .collect();
+        let body = common.body_mutation.as_ref().map(|m| match &m.mutation {
+            Some(envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation::Body(
+                b,
+            )) => {
+                assert_eq!(common.status, ResponseStatus::ContinueAndReplace as i32);
+                b.clone()
+            }
+            other => panic!("{other:?}"),
+        });
+        (set, body)
+    }
+
+    #[test]
+    fn each_attempt_gets_its_own_key_path_and_body() {
+        let state = state();
+        let body = br#"{"model":"m","messages":[]}"#;
+        let id = register(&state, body);
+        // Backend a keeps the client's name: its body is the client's.
+        let mut first = AttemptExchange::new(Arc::clone(&state));
+        let answer = first.on_message(request_headers(&id, Some("a"))).unwrap();
+        let (set, sent) = sets(&answer);
+        assert!(set.contains(&("authorization".into(), "Bearer sk-a".into())));
+        assert!(set.contains(&(":path".into(), "/v1/chat/completions".into())));
+        assert_eq!(sent.as_deref(), Some(&body[..]));
+        first.on_message(response_headers("429")).unwrap();
+        // Backend b: its own key, its path prefix, its model name, and the
+        // length of that body in the metadata.
+        let mut second = AttemptExchange::new(Arc::clone(&state));
+        let answer = second.on_message(request_headers(&id, Some("b"))).unwrap();
+        let (set, sent) = sets(&answer);
+        assert!(set.contains(&("authorization".into(), "Bearer sk-b".into())));
+        assert!(set.contains(&(":path".into(), "/openai/v1/chat/completions".into())));
+        let sent = sent.unwrap();
+        assert_eq!(sent, br#"{"model":"m-b","messages":[]}"#);
+        let metadata = format!("{:?}", answer.dynamic_metadata);
+        assert!(
+            metadata.contains(&format!("\"{}\"", sent.len())),
+            "{metadata}"
+        );
+        second.on_message(response_headers("200")).unwrap();
+        let chain = state.chains.get(&id).unwrap();
+        assert_eq!(chain.attempts_line(), "a:429 b:200");
+        assert_eq!(&*chain.answering_backend().unwrap().name, "b");
+    }
+
+    /// Table: what an attempt that does not fit gets. Never a key.
+    #[test]
+    fn odd_attempts_get_no_key() {
+        let state = state();
+        let id = register(&state, br#"{"model":"m"}"#);
+        let cases: [(&str, ProcessingRequest, bool); 4] = [
+            ("unknown id", request_headers("client-id", Some("a")), true),
+            ("no backend attribute", request_headers(&id, None), true),
+            (
+                "a backend outside the chain",
+                request_headers(&id, Some("c")),
+                true,
+            ),
+            ("response headers first", response_headers("200"), false),
+        ];
+        for (what, message, answered) in cases {
+            let mut attempt = AttemptExchange::new(Arc::clone(&state));
+            match attempt.on_message(message) {
+                Ok(answer) => {
+                    assert!(answered, "{what}: answered");
+                    let text = format!("{answer:?}");
+                    assert!(
+                        matches!(answer.response, Some(Response::ImmediateResponse(_))),
+                        "{what}: {text}"
+                    );
+                    assert!(!text.contains("sk-"), "{what}: a key in {text}");
+                }
+                Err(status) => assert!(!answered, "{what}: {status}"),
+            }
+        }
+        // A second request headers message on one stream is refused.
+        let mut attempt = AttemptExchange::new(Arc::clone(&state));
+        attempt.on_message(request_headers(&id, Some("a"))).unwrap();
+        assert!(attempt.on_message(request_headers(&id, Some("b"))).is_err());
+        attempt.on_message(response_headers("200")).unwrap();
+        assert!(attempt.on_message(response_headers("200")).is_err());
+    }
+}

@@ -29,8 +29,17 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
         .model_yaml("{name: gpt-4o-mini, backend: tars, fallbacks: [{backend: other, upstream_model: gpt-4o-mini-2024-07-18}]}")
         .start()
         .await;
+    // The client's own credentials reach no attempt.
     let reply = gw
-        .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+        .request(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            chat("gpt-4o-mini").to_string(),
+            &[
+                ("authorization", "Bearer client-secret"),
+                ("x-api-key", "client-secret"),
+            ],
+        )
         .await;
     assert_eq!(reply.status, 200, "{}\n{}", reply.text(), gw.envoy_logs());
     assert_eq!(
@@ -53,6 +62,10 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
     );
     assert_eq!(answered[0].json()["model"], "gpt-4o-mini-2024-07-18");
     assert_eq!(answered[0].path, "/v1/chat/completions");
+    for r in tried.iter().chain(&answered) {
+        assert!(r.header("x-api-key").is_none());
+        assert!(!format!("{:?}", r.headers).contains("client-secret"));
+    }
     assert_eq!(
         answered[0].header("content-length").map(str::to_owned),
         Some(answered[0].body.len().to_string())
