@@ -10,6 +10,12 @@
 //! GET as its headers only; a response as its headers, then its body chunk
 //! by chunk as it passes (a successful inference body is read for usage;
 //! no body is ever held back or changed).
+//!
+//! A model on a fallback chain is routed to the chain, without a key: the
+//! exchange leaves what the attempts need in `chains`, and each attempt
+//! gets its key from the attempt pass (`attempt`). When the response
+//! begins, the attempts are over, and the backend that answered is the one
+//! usage, spend and metrics are counted for.
 
 use std::ops::Range;
 use std::sync::Arc;
