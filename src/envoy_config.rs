@@ -445,6 +445,15 @@ fn chain_cluster(config: &Config, chain: &[&BackendConfig]) -> Result<Value, Ren
             },
         },
         "typed_extension_protocol_options": options,
+        // Envoy allows 3 retries in flight per cluster by default: past
+        // that, a throttled request is not retried and its 429 reaches the
+        // client (measured: most requests of a burst of 64). A retry budget
+        // does not help here: it is a share of the requests active on this
+        // cluster, and an aggregate cluster's requests are counted on its
+        // backends' clusters. A chain's retries are bounded per request
+        // already (each backend once), so retries get as much room as
+        // requests have by default (1,024 per cluster).
+        "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},
     }))
 }
 

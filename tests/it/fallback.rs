@@ -385,3 +385,26 @@ async fn usage_and_spend_are_counted_for_the_backend_that_answered() {
         "{token_series:?}"
     );
 }
+
+/// A burst on a throttled primary: every request moves on, not only the
+/// first few (Envoy's default allows 3 retries in flight per cluster).
+#[tokio::test]
+async fn a_burst_on_a_throttled_primary_all_moves_on() {
+    let (primary, other, gw) = chain_of_two(Some(throttled()), None, "").await;
+    let body = chat("gpt-4o-mini");
+    let replies = futures_util::future::join_all(
+        (0..64).map(|_| gw.post_json("/v1/chat/completions", &body)),
+    )
+    .await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    let stats = crate::support::client()
+        .get(format!("{}/stats?filter=retry", gw.envoy_admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?} {stats}");
+    assert_eq!((primary.requests().len(), other.requests().len()), (64, 64));
+}
