@@ -120,7 +120,7 @@ fn listener(config: &Config, routes: Vec<Value>) -> Result<Value, RenderError> {
                     // The processor sees the path Envoy routes on: normalized.
                     "normalize_path": true,
                     "merge_slashes": true,
-                    "access_log": [access_log()],
+                    "access_log": [access_log(!chains(config).is_empty())],
                     "local_reply_config": local_replies(config),
                     "route_config": {
                         "name": "ai-gateway",
@@ -272,8 +272,12 @@ fn status_mapper(status: u16, message: &str, kind: &str, code: &str) -> Value {
     })
 }
 
-fn access_log() -> Value {
-    json!({
+/// Envoy's access log. With fallback chains it also counts each request's
+/// attempts, refused connections included (the processor only sees the
+/// attempts that connected); without, that field is left out (measured:
+/// 0.5 % of Envoy's instructions per request).
+fn access_log(chains: bool) -> Value {
+    let mut log = json!({
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
@@ -284,12 +288,13 @@ fn access_log() -> Value {
                 // Without the query: a client may put a key there.
                 "path": "%REQ_WITHOUT_QUERY(:PATH)%",
                 // The routing headers are gone by now (removed on the way
-                // upstream): the processor's one metadata write names the
-                // model and the backend that answered (on a fallback chain
-                // the cluster is the chain's).
+                // upstream): the cluster is the backend (on a fallback
+                // chain, the chain's; the metadata and the processor's log
+                // line name the backend that answered: reading it here
+                // measured +1.3 % of Envoy's instructions per request), and
+                // the processor's one metadata write names the model.
                 "model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%"),
-                "backend": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:backend)%"),
-                "upstream_cluster": "%UPSTREAM_CLUSTER%",
+                "backend": "%UPSTREAM_CLUSTER%",
                 "response_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:response_model)%"),
                 "input_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:input_tokens)%"),
                 "output_tokens": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:output_tokens)%"),
@@ -300,9 +305,6 @@ fn access_log() -> Value {
                 "details": "%RESPONSE_CODE_DETAILS%",
                 "flags": "%RESPONSE_FLAGS%",
                 "upstream_host": "%UPSTREAM_HOST%",
-                // Every attempt, refused connections included (a fallback
-                // chain's attempts are also in the processor's log line).
-                "upstream_attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
                 "bytes_received": "%BYTES_RECEIVED%",
                 "bytes_sent": "%BYTES_SENT%",
                 "duration_ms": "%DURATION%",
@@ -315,7 +317,12 @@ fn access_log() -> Value {
                 }],
             },
         },
-    })
+    });
+    if chains {
+        log["typed_config"]["log_format"]["json_format"]["upstream_attempts"] =
+            json!("%UPSTREAM_REQUEST_ATTEMPT_COUNT%");
+    }
+    log
 }
 
 /// What no provider gets: the routing headers once they have routed, and
