@@ -352,6 +352,24 @@ def ttfb_samples(url, n):
     return samples
 
 
+def sequential_ms(url, n, expect=200):
+    """Latencies of `n` chat requests sent one at a time on one connection,
+    in ms: the cost of each step without queueing behind other requests."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        samples.append((time.perf_counter() - t0) * 1000)
+        if r.status != expect:
+            raise SystemExit(f"bench: {url} answered {r.status}, not {expect}")
+    conn.close()
+    return samples
+
+
 def percentile(samples, p):
     s = sorted(samples)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -610,6 +628,25 @@ def fallback_rows(procs, workdir, up, a, alternate, rates):
         ("fallback: the same, processor CPU per request (the attempt pass)", f"{cpu['plain']:.0f} µs",
          f"{cpu['chain']:.0f} µs", f"{cpu['chain'] - cpu['plain']:+.1f} µs", ""),
     ]
+    # One request at a time: what each step costs without queueing.
+    seq = {n: [] for n in order}
+    for _ in range(a.rounds):
+        for n in order:
+            seq[n] += sequential_ms(urls[n], 300, expect=503 if n == "down" else 200)
+    p50 = {n: statistics.median(v) for n, v in seq.items()}
+    rows += [
+        ("fallback, one request at a time, p50 (ms): no chain (A), chain whose first backend answers (B)",
+         f"{p50['plain']:.2f}", f"{p50['chain']:.2f}", f"the attempt pass adds {p50['chain'] - p50['plain']:+.2f} ms", ""),
+        ("fallback, one request at a time, p50 (ms): the failing backend alone (A), its chain with the fallback "
+         "answering (B)", f"{p50['down']:.2f}", f"{p50['retry']:.2f}",
+         f"the retry adds {p50['retry'] - p50['down']:+.2f} ms", "≤ +1 ms"),
+        ("fallback, one request at a time, p50 (ms): chain, first answers (A), first fails fast then the next "
+         "answers (B)", f"{p50['chain']:.2f}", f"{p50['retry']:.2f}",
+         f"a failed attempt costs {p50['retry'] - p50['chain']:+.2f} ms", ""),
+    ]
+    if "before" in p50:
+        rows.append(("fallback, one request at a time, p50 (ms): no chain, before (A) and now (B)",
+                     f"{p50['before']:.2f}", f"{p50['plain']:.2f}", f"{p50['plain'] - p50['before']:+.2f} ms", ""))
     for rate in rates:
         lat, _ = alternate([urls[n] for n in order], body=CHAT, rate=rate, expect={urls["down"]: "503"})
         l = dict(zip(order, lat))
