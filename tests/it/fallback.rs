@@ -406,3 +406,81 @@ async fn a_burst_on_a_throttled_primary_all_moves_on() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?} {stats}");
     assert_eq!((primary.requests().len(), other.requests().len()), (64, 64));
 }
+
+/// A provider that starts a stream, sends one event, then drops the
+/// connection: a failure after the response has begun.
+async fn cut_after_first_event() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Read the request head and body (small: one read suffices
+                // for the test's body, but read until the blank line).
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let event = "data: {\"id\":\"cut\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first \"},\"finish_reason\":null}]}\n\n";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+                    event.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.flush().await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // Dropped without the last chunk: a reset mid-stream.
+            });
+        }
+    });
+    (url, served)
+}
+
+/// A stream that fails after its first event is not retried: the client
+/// sees the cut, and no byte comes twice or from another backend.
+#[tokio::test]
+async fn a_stream_cut_after_its_first_event_is_not_retried() {
+    let (primary_url, primary_served) = cut_after_first_event().await;
+    let other = FakeUpstream::start("other").await;
+    let gw = chained(&primary_url, &other, "").await;
+    let mut body = chat("gpt-4o-mini");
+    body["stream"] = true.into();
+    let resp = crate::support::client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = Vec::new();
+    let mut stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    let mut cut = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => received.extend_from_slice(&bytes),
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(cut, "the client must see the cut, got a clean end: {text}");
+    assert_eq!(text.matches("first ").count(), 1, "{text}");
+    assert!(!text.contains("Hello from other"), "{text}");
+    assert!(
+        other.requests().is_empty(),
+        "the fallback was tried after the response began"
+    );
+    assert_eq!(primary_served.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
