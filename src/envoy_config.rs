@@ -209,7 +209,9 @@ fn local_replies(config: &Config) -> Value {
                 // provider; the processor's own replies carry no such flag.
                 "filter": {"response_flag_filter": {"flags": ["UF", "UH", "UO", "URX", "UC", "UT", "UR", "DC", "UPE", "NC", "UMSDR"]}},
                 "body_format_override": {"json_format": {"error": {
-                    "message": "The backend could not be reached or did not answer in time: %LOCAL_REPLY_BODY%",
+                    // The details name the cause: a refused connection, a
+                    // timeout, or a TLS failure with the certificate's names.
+                    "message": "The backend could not be reached or did not answer in time: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)",
                     "type": "server_error",
                     "code": "upstream_unavailable",
                 }}},

@@ -454,7 +454,7 @@ impl Exchange {
             ),
             500..=599 => tracing::warn!(
                 request_id, backend, model, status,
-                "backend {backend} answered {status}: the provider is failing or unreachable (Envoy also answers 503 when it cannot connect)"
+                "backend {backend} answered {status}: the provider is failing or unreachable (Envoy also answers 503 when it cannot connect or its TLS check fails; Envoy's access log `details` names the cause)"
             ),
             _ => tracing::info!(request_id, backend, model, status, "backend {backend} refused the request with {status}"),
         }

@@ -24,3 +24,4 @@ mod routing;
 mod security;
 mod spend;
 mod streaming;
+mod tls;

@@ -16,23 +16,6 @@ fn streamed(model: &str) -> Value {
     body
 }
 
-/// Waits for Envoy's access log (flushed about once a second) to hold a
-/// line containing `needle`.
-async fn access_log_line(gw: &Gateway, needle: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let logs = gw.envoy_logs();
-        if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
-            return serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no access log line with {needle}:\n{logs}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     let up = FakeUpstream::start("tars").await;
@@ -123,7 +106,7 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     }
 
     // Envoy's access log carries the counts too (dynamic metadata).
-    let entry = access_log_line(&gw, "req-stream-1").await;
+    let entry = gw.access_log_line("req-stream-1").await;
     assert_eq!(entry["backend"], "tars");
     assert_eq!(entry["model"], "gpt-4o-mini");
     assert_eq!(entry["input_tokens"], 9);

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,9 @@ use axum::response::Response;
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// One request as the provider received it.
@@ -72,6 +76,8 @@ struct Inner {
     delay_ms: std::sync::atomic::AtomicU64,
     /// Record requests without their bodies (large-body tests).
     discard_bodies: AtomicBool,
+    /// Behind TLS: the server name (SNI) of each handshake that succeeded.
+    server_names: Mutex<Vec<String>>,
 }
 
 /// A running fake provider.
@@ -92,6 +98,10 @@ impl FakeUpstream {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
+        Self::start_with(name, addr, None).await
+    }
+
+    async fn start_with(name: &str, addr: SocketAddr, tls: Option<(&Path, &Path)>) -> Self {
         let inner = Arc::new(Inner {
             name: name.to_string(),
             recorded: Mutex::new(Vec::new()),
@@ -101,6 +111,7 @@ impl FakeUpstream {
             stream_interval_ms: std::sync::atomic::AtomicU64::new(0),
             delay_ms: std::sync::atomic::AtomicU64::new(0),
             discard_bodies: AtomicBool::new(false),
+            server_names: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -109,10 +120,35 @@ impl FakeUpstream {
         let app = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&inner));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+            }
+            Some((cert, key)) => {
+                let listener = TlsListener {
+                    tcp: listener,
+                    acceptor: tls_acceptor(cert, key),
+                    inner: Arc::clone(&inner),
+                };
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+            }
+        }
         Self { addr, inner }
+    }
+
+    /// Starts behind TLS with the PEM files `cert` and `key` (HTTP/1.1 by
+    /// ALPN), on an ephemeral loopback port.
+    pub async fn start_tls(name: &str, cert: &Path, key: &Path) -> Self {
+        Self::start_with(name, "127.0.0.1:0".parse().unwrap(), Some((cert, key))).await
+    }
+
+    /// The server names (SNI) the TLS handshakes asked for.
+    pub fn server_names(&self) -> Vec<String> {
+        self.inner.server_names.lock().unwrap().clone()
     }
 
     pub fn url(&self) -> String {
@@ -369,4 +405,53 @@ fn sse_response(
         name,
         gzip,
     )
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TCP listener whose connections are TLS: a handshake that fails (a
+/// client that refuses the certificate) is dropped, and the next one
+/// accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    inner: Arc<Inner>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                let name = tls.get_ref().1.server_name().unwrap_or("").to_string();
+                self.inner.server_names.lock().unwrap().push(name);
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }

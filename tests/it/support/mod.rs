@@ -463,6 +463,23 @@ impl Gateway {
         }
     }
 
+    /// The first line of Envoy's access log containing `needle`, as JSON,
+    /// waiting for Envoy to write it (up to 15 s).
+    pub async fn access_log_line(&self, needle: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let logs = self.envoy_logs();
+            if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+                return serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access log line with {needle}:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn envoy_logs(&self) -> String {
         fs::read_to_string(&self.envoy_log).unwrap_or_default()
     }
