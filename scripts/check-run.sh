@@ -27,6 +27,25 @@ case "$answer" in
   *'Hello from fake-openai.'*) ;;
   *) echo "check-run: unexpected answer: $answer" >&2; exit 1 ;;
 esac
+# Offline mode routes as a real deployment does: named models only.
+status=$(curl -sS -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
+  -d '{"model":"no-such-model","messages":[{"role":"user","content":"Hi."}]}' \
+  "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions")
+[ "$status" = 404 ] || { echo "check-run: an unknown model got $status, not 404" >&2; exit 1; }
+curl -fsS "http://127.0.0.1:$GATEWAY_PORT/v1/models/gpt-4o-mini" | grep -q '"id":"gpt-4o-mini"' \
+  || { echo "check-run: GET /v1/models/gpt-4o-mini did not answer the model" >&2; exit 1; }
+
+# A second run.sh from this checkout refuses, and leaves the first serving.
+second=$(scripts/run.sh 2>&1) && { echo "check-run: a second scripts/run.sh started: $second" >&2; exit 1; }
+case "$second" in
+  *"another scripts/run.sh is running"*) ;;
+  *) echo "check-run: the second scripts/run.sh failed without saying why: $second" >&2; exit 1 ;;
+esac
+curl -fsS -H 'Content-Type: application/json' \
+  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi."}]}' \
+  "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" | grep -q 'Hello from fake-openai.' \
+  || { echo "check-run: the first gateway stopped serving after a second run.sh" >&2; exit 1; }
+
 stop
 sleep 0.5
 if pgrep -f "127.0.0.1:$FAKE_UPSTREAM_PORT|\.run/gateway.yaml|\.run/envoy.yaml" >/dev/null; then
@@ -34,4 +53,4 @@ if pgrep -f "127.0.0.1:$FAKE_UPSTREAM_PORT|\.run/gateway.yaml|\.run/envoy.yaml" 
   pgrep -fa "127.0.0.1:$FAKE_UPSTREAM_PORT|\.run/gateway.yaml|\.run/envoy.yaml" >&2
   exit 1
 fi
-echo "check-run: scripts/run.sh served a chat completion and stopped cleanly"
+echo "check-run: scripts/run.sh served a chat completion, routed by name, refused a second instance and stopped cleanly"

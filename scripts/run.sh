@@ -24,9 +24,27 @@ key_file="$root/secrets/tars-api-key"
 
 say() { printf '[run] %s\n' "$*"; }
 
+# One gateway per checkout: a second one would replace the first's socket
+# and logs under .run/. The lock is held until this script exits.
+mkdir -p "$run"
+exec 9>>"$run/lock"
+if ! flock -n 9; then
+  say "another scripts/run.sh is running from this checkout (pid $(cat "$run/pid" 2>/dev/null || echo '?')); stop it (Ctrl-C) first. Nothing was changed." >&2
+  exit 1
+fi
+echo $$ > "$run/pid"
+# Envoy binds with SO_REUSEPORT: on a busy port it would silently share the
+# traffic with whatever listens there. Refuse instead.
+for port in "$GATEWAY_PORT" "$ADMIN_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    say "port $port is in use (another gateway?); stop it, or set GATEWAY_PORT / ADMIN_PORT. Nothing was started." >&2
+    exit 1
+  fi
+done
+
 scripts/setup.sh
-say "building the release binaries"
-cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream
+say "building the release binaries (a few minutes the first time)"
+cargo build --release --bin ai-gateway-extproc --example fake_upstream
 bin="$root/target/release/ai-gateway-extproc"
 
 mkdir -p "$run" "$root/secrets"
@@ -53,6 +71,10 @@ case "$mode" in
     say "upstream: TARS at $TARS_URL, key from secrets/tars-api-key"
     ;;
   fake)
+    if (exec 3<>"/dev/tcp/127.0.0.1/$FAKE_UPSTREAM_PORT") 2>/dev/null; then
+      say "port $FAKE_UPSTREAM_PORT (the local fake upstream) is in use; set FAKE_UPSTREAM_PORT. Nothing was started." >&2
+      exit 1
+    fi
     backend_url="http://127.0.0.1:$FAKE_UPSTREAM_PORT"
     backend_key="$run/fake-api-key"
     echo "sk-local-fake-key" > "$backend_key"
@@ -63,6 +85,16 @@ case "$mode" in
   *) say "AI_GATEWAY_MODE must be tars or fake, not '$mode'" >&2; exit 2 ;;
 esac
 
+# TARS: every model goes to TARS, and /v1/models is TARS's own list.
+# Offline: named rules, as a real deployment has, so an unknown model gets
+# the gateway's 404 and /v1/models lists what is served.
+if [ "$mode" = tars ]; then
+  models='  - {name: "*", backend: tars}'
+else
+  models='  - {name: gpt-4o-mini, backend: fake}
+  - {name: gpt-4.1, backend: fake}
+  - {name: "claude-*", backend: fake, upstream_model: claude-sonnet-4-20250514}'
+fi
 cat > "$run/gateway.yaml" <<YAML
 # Written by scripts/run.sh ($mode mode); edit and save: it reloads live.
 extproc: {listen: "unix:$run/extproc.sock"}
@@ -73,8 +105,7 @@ backends:
     url: $backend_url
     api_key_file: $backend_key
 models:
-  - name: "*"
-    backend: $mode
+$models
 YAML
 
 "$bin" envoy-config --config "$run/gateway.yaml" > "$run/envoy.yaml"

@@ -33,20 +33,13 @@ use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
 #[derive(Parser)]
 #[command(name = "ai-gateway-extproc", version = VERSION)]
 struct Cli {
-    /// Gateway configuration file (YAML or JSON). Watched: a valid new
-    /// version applies without restart.
+    /// Gateway configuration file (YAML or JSON). A running gateway watches
+    /// it: a valid new version applies without restart.
     #[arg(long, global = true, env = "AI_GATEWAY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Where to serve Envoy's ext_proc gRPC stream: `host:port` or
-    /// `unix:/path/to.sock`. Overrides `extproc.listen`.
-    #[arg(long, global = true, value_name = "ADDR", value_parser = ListenAddr::from_str)]
-    listen: Option<ListenAddr>,
-
-    /// Where to serve /healthz, /readyz and /metrics (`host:port`).
-    /// Overrides `admin.listen`.
-    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_socket_addr)]
-    admin_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    addresses: Addresses,
 
     /// Log filter: a level (error, warn, info, debug, trace) or a tracing
     /// directive list. Overrides RUST_LOG; default info.
@@ -70,11 +63,26 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// Where the processor listens, overriding the file: for running it, and
+/// for rendering the Envoy bootstrap of a processor run that way.
+#[derive(clap::Args, Clone, Default)]
+struct Addresses {
+    /// Where to serve Envoy's ext_proc gRPC stream: `host:port` or
+    /// `unix:/path/to.sock`. Overrides `extproc.listen`.
+    #[arg(long, value_name = "ADDR", value_parser = ListenAddr::from_str)]
+    listen: Option<ListenAddr>,
+
+    /// Where to serve /healthz, /readyz and /metrics (`host:port`).
+    /// Overrides `admin.listen`.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    admin_listen: Option<SocketAddr>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the Envoy bootstrap YAML for the configuration: listener,
     /// ext_proc filter, routes, one cluster per backend.
-    EnvoyConfig,
+    EnvoyConfig(Addresses),
     /// Get a TARS API key by signing in with a browser (OAuth 2.0 PKCE) and
     /// write it where the gateway reads it; a running gateway picks it up.
     Login(LoginArgs),
@@ -116,37 +124,60 @@ struct LoginArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Some(Command::EnvoyConfig) => print_envoy_config(&cli),
+        Some(Command::EnvoyConfig(addresses)) => print_envoy_config(&cli, addresses),
         Some(Command::Login(args)) => login(&cli, args),
         None => run(cli),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ai-gateway-extproc: {e:#}");
+            eprintln!("ai-gateway-extproc: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn overrides(cli: &Cli) -> Overrides {
+/// The error and its causes on one line. The library's errors already
+/// name their cause in their own message (log lines show only that), so a
+/// cause whose text is already there is not repeated.
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+fn overrides(addresses: &Addresses) -> Overrides {
     Overrides {
-        extproc_listen: cli.listen.clone(),
-        admin_listen: cli.admin_listen,
+        extproc_listen: addresses.listen.clone(),
+        admin_listen: addresses.admin_listen,
     }
 }
 
-fn load_config(cli: &Cli) -> Result<(PathBuf, Config)> {
+fn load_config(cli: &Cli, addresses: &Addresses) -> Result<(PathBuf, Config)> {
     let path = cli
         .config
         .clone()
         .context("--config FILE is required (or set AI_GATEWAY_CONFIG)")?;
-    let config = overrides(cli).apply(Config::load(&path)?, &path)?;
+    let config = overrides(addresses).apply(Config::load(&path)?, &path)?;
     Ok((path, config))
 }
 
-fn print_envoy_config(cli: &Cli) -> Result<()> {
-    let (_, config) = load_config(cli)?;
+fn print_envoy_config(cli: &Cli, addresses: &Addresses) -> Result<()> {
+    // Before or after the command name, as the user wrote it.
+    let addresses = Addresses {
+        listen: addresses.listen.clone().or(cli.addresses.listen.clone()),
+        admin_listen: addresses.admin_listen.or(cli.addresses.admin_listen),
+    };
+    let (_, config) = load_config(cli, &addresses)?;
     print!("{}", envoy_config::render(&config)?);
     Ok(())
 }
@@ -159,7 +190,7 @@ fn login(cli: &Cli, args: &LoginArgs) -> Result<()> {
     } else if let Some(path) = &args.key_file {
         Output::KeyFile(path.clone())
     } else if let Some(name) = &args.backend {
-        let (path, config) = load_config(cli)?;
+        let (path, config) = load_config(cli, &Addresses::default())?;
         let backend = config
             .backends
             .iter()
@@ -189,7 +220,7 @@ fn login(cli: &Cli, args: &LoginArgs) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     let _log_flush =
         logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
-    let (config_path, config) = load_config(&cli)?;
+    let (config_path, config) = load_config(&cli, &cli.addresses)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.worker_threads {
         runtime.worker_threads(n.max(1));
@@ -274,7 +305,7 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(key_watcher.run(stop_rx.clone()));
     let config_reload = ConfigReload {
-        overrides: overrides(&cli),
+        overrides: overrides(&cli.addresses),
         state: Arc::clone(&state),
         key_sources,
     };

@@ -93,6 +93,28 @@ fn help_explains_every_flag() {
     let (code, version, _) = run(&["--version"]);
     assert_eq!(code, 0);
     assert!(version.starts_with("ai-gateway-extproc "), "{version}");
+    assert!(help.contains("--worker-threads"), "{help}");
+    // A one-shot command offers only what it uses.
+    let (code, login, _) = run(&["login", "--help"]);
+    assert_eq!(code, 0);
+    assert!(login.contains("--key-file"), "{login}");
+    assert!(
+        !login.contains("--listen"),
+        "login does not listen:\n{login}"
+    );
+}
+
+/// An error names its cause once.
+#[test]
+fn a_missing_file_is_said_once() {
+    let (code, _, stderr) = run(&["--config", "/nonexistent/gateway.yaml"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/gateway.yaml"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -56,7 +56,7 @@ fn shipped_bootstraps_are_what_envoy_config_renders_and_envoy_accepts() {
         assert!(
             out.stdout == shipped,
             "{bootstrap} drifted from {config}; regenerate it with:\n  \
-             cargo run -- envoy-config --config {config} > {bootstrap}"
+             target/debug/ai-gateway-extproc envoy-config --config {config} > {bootstrap} (after cargo build)"
         );
     }
     for bootstrap in [
