@@ -7,6 +7,11 @@
 //! deaf after the first rotation. Editors and `cp` write in place, which the
 //! directory watch sees as well.
 //!
+//! A file that is a symlink into another directory (Vault Agent, CSI secret
+//! stores, hand-made layouts) is written where its target lives, so the
+//! target's directory is watched too; where a link points is looked up
+//! again after every wake-up, so a link moved elsewhere is followed.
+//!
 //! Events only say "look again": the consumer re-reads and compares, so a
 //! spurious wake-up costs one small read and a missed event costs at most
 //! one poll interval.
@@ -14,6 +19,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind};
@@ -37,21 +43,30 @@ pub struct FileWatcher {
     /// Directories that could not be watched yet (missing, or no inotify);
     /// retried on every poll tick.
     unwatched: Vec<PathBuf>,
+    /// Directories watched (or waiting to be).
+    known: BTreeSet<PathBuf>,
+    files: Vec<PathBuf>,
+    /// The file names that matter in the watched directories: the files'
+    /// own, and their symlink targets'. Read by the watcher's thread.
+    names: Arc<RwLock<Vec<OsString>>>,
 }
 
 impl FileWatcher {
     pub fn new<'a>(files: impl IntoIterator<Item = &'a Path>, poll_interval: Duration) -> Self {
         let files: Vec<PathBuf> = files.into_iter().map(Path::to_path_buf).collect();
-        let dirs: BTreeSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
-        let names: Vec<OsString> = files
-            .iter()
-            .filter_map(|f| f.file_name().map(OsString::from))
-            .collect();
+        let names = Arc::new(RwLock::new(Vec::new()));
+        let seen = Arc::clone(&names);
         // Capacity 1: a pending wake-up already covers every later event.
         let (tx, events) = mpsc::channel(1);
         let watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if is_change(&event.kind) && concerns(&event.paths, &names) => {
+                Ok(event)
+                    if is_change(&event.kind)
+                        && concerns(
+                            &event.paths,
+                            &seen.read().unwrap_or_else(|e| e.into_inner()),
+                        ) =>
+                {
                     let _ = tx.try_send(());
                 }
                 Ok(_) => {}
@@ -70,10 +85,47 @@ impl FileWatcher {
             events,
             poll,
             watcher,
-            unwatched: dirs.into_iter().collect(),
+            unwatched: Vec::new(),
+            known: BTreeSet::new(),
+            files,
+            names,
         };
+        this.follow_links();
         this.watch_pending();
         this
+    }
+
+    /// Watches the directories of where each file's symlinks point now
+    /// (the file's own directory and name always count), and stops
+    /// watching where they no longer point: a kubelet swap leaves a new
+    /// versioned directory each time.
+    fn follow_links(&mut self) {
+        let mut names = Vec::new();
+        let mut current = BTreeSet::new();
+        for file in &self.files {
+            let mut places = vec![file.clone()];
+            // The whole chain resolved: where the bytes are written.
+            if let Ok(target) = std::fs::canonicalize(file) {
+                if target != *file {
+                    places.push(target);
+                }
+            }
+            for place in places {
+                names.extend(place.file_name().map(OsString::from));
+                current.insert(parent_dir(&place));
+            }
+        }
+        for gone in self.known.difference(&current) {
+            if let Some(w) = self.watcher.as_mut() {
+                let _ = w.unwatch(gone);
+            }
+        }
+        self.unwatched.retain(|d| current.contains(d));
+        for dir in current.difference(&self.known) {
+            self.unwatched.push(dir.clone());
+        }
+        self.known = current;
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     /// Resolves when the files may have changed. The first call returns at
@@ -84,8 +136,10 @@ impl FileWatcher {
                 tokio::time::sleep(SETTLE).await;
                 while self.events.try_recv().is_ok() {}
             }
-            _ = self.poll.tick() => self.watch_pending(),
+            _ = self.poll.tick() => {}
         }
+        self.follow_links();
+        self.watch_pending();
     }
 
     fn watch_pending(&mut self) {
@@ -195,6 +249,45 @@ mod tests {
             .await
             .expect("no wake-up after the ..data swap");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "b");
+    }
+
+    /// A key file that is a symlink into another directory: a write to
+    /// the target, in place or by rename, wakes the watcher at once.
+    #[tokio::test]
+    async fn wakes_on_writes_to_a_symlink_target_elsewhere() {
+        use std::os::unix::fs::symlink;
+        let mounted = tempfile::tempdir().unwrap();
+        let agent = tempfile::tempdir().unwrap();
+        let target = agent.path().join("tars-key");
+        std::fs::write(&target, "a").unwrap();
+        let file = mounted.path().join("apiKey");
+        symlink(&target, &file).unwrap();
+        let mut w = FileWatcher::new([file.as_path()], Duration::from_secs(3600));
+        w.changed().await;
+        std::fs::write(&target, "b").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after an in-place write to the target");
+        let tmp = agent.path().join(".tars-key.tmp");
+        std::fs::write(&tmp, "c").unwrap();
+        std::fs::rename(&tmp, &target).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after a rename onto the target");
+        // The link moved to a third directory: followed after a wake-up.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let moved = elsewhere.path().join("key");
+        std::fs::write(&moved, "d").unwrap();
+        let link_tmp = mounted.path().join("apiKey.new");
+        symlink(&moved, &link_tmp).unwrap();
+        std::fs::rename(&link_tmp, &file).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after the link moved");
+        std::fs::write(&moved, "e").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("no wake-up after a write to the new target");
     }
 
     #[tokio::test]
