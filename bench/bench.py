@@ -118,18 +118,28 @@ def wait_http(url, timeout=30.0, method="GET", body=None, headers=None, up=lambd
     raise SystemExit(f"bench: {url} did not answer within {timeout}s")
 
 
-def start_nginx(procs, workdir):
+def start_nginx(procs, workdir, tls=None, name="nginx"):
+    """The upstream: answers every request at once with a chat completion,
+    or an SSE stream when `x-bench-stream: 1`. `tls`: (cert, key) files, to
+    serve HTTPS with HTTP/2 and HTTP/1.1 offered by ALPN."""
     port = free_port()
-    conf = workdir / "nginx.conf"
+    d = workdir if name == "nginx" else workdir / name
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    listen = f"127.0.0.1:{port} reuseport"
+    ssl = ""
+    if tls:
+        listen += " ssl http2"
+        ssl = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
     conf.write_text(f"""
 worker_processes 1;
 daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/logs/nginx-error.log warn;
+pid {d}/nginx.pid;
+error_log {d}/logs/nginx-error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  client_body_temp_path {workdir}/nginx-body;
+  client_body_temp_path {d}/nginx-body;
   client_body_buffer_size 1m;
   keepalive_requests 10000000;
   map $http_x_bench_stream $bench_body {{
@@ -141,7 +151,8 @@ http {{
     "1" text/event-stream;
   }}
   server {{
-    listen 127.0.0.1:{port} reuseport;
+    listen {listen};
+    {ssl}
     location / {{
       default_type "";
       add_header Content-Type $bench_type always;
@@ -151,9 +162,69 @@ http {{
   }}
 }}
 """)
-    procs.start("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)])
-    wait_http(f"http://127.0.0.1:{port}/v1/chat/completions")
+    procs.start(name, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(d)])
+    if not tls:
+        wait_http(f"http://127.0.0.1:{port}/v1/chat/completions")
+    else:
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the TLS upstream did not start")
+            time.sleep(0.05)
     return port
+
+
+def http2_rows(procs, workdir, a, alternate):
+    """HTTP/2 to a provider that offers it by ALPN (the rendered default
+    for https backends) against HTTP/1.1 to the same provider."""
+    d = workdir / "tls"
+    d.mkdir()
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = start_nginx(procs, workdir, tls=(cert, key), name="nginx-tls")
+    urls, exts, admins = [], [], []
+    for name in ("h1", "h2"):
+        cfg, _ = gateway_config(workdir, port, "uds", name=f"tls-{name}")
+        text = cfg.read_text().replace(f'url: "http://127.0.0.1:{port}"', f'url: "https://localhost:{port}", ca_file: "{cert}"')
+        cfg.write_text(text)
+        bootstrap = render(cfg)
+        if name == "h1":
+            bench = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "bench")
+            opts = bench["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            opts.pop("auto_config")
+            opts["explicit_http_config"] = {"http_protocol_options": {}}
+        admin = free_port()
+        bootstrap["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
+        admins.append(admin)
+        exts.append(start_extproc(procs, cfg, f"tls-{name}"))
+        urls.append(start_envoy(procs, workdir, f"tls-{name}", bootstrap))
+    for u in urls:
+        oha(u, 2, a.connections, CHAT)
+    rows = []
+    for label, body, stream in (("chat", CHAT, False), ("stream", CHAT_STREAM, True)):
+        (h1, h2), _ = alternate(urls, body=body, stream=stream)
+        rows.append((f"HTTPS provider, HTTP/1.1 (A) and HTTP/2 by ALPN (B): {label} throughput (req/s)",
+                     f"{h1['rps']:,.0f}", f"{h2['rps']:,.0f}", f"{h2['rps'] / h1['rps']:.2f}", ""))
+    ttfb = {u: [] for u in urls}
+    for _ in range(a.rounds):
+        for u in urls:
+            ttfb[u] += ttfb_samples(u, 200)
+    (a50, a99), (b50, b99) = ((statistics.median(ttfb[u]), percentile(ttfb[u], 99)) for u in urls)
+    rows.append(("HTTPS provider, HTTP/1.1 (A) and HTTP/2 (B): stream time to first byte p50 / p99 (ms)",
+                 f"{a50:.2f} / {a99:.2f}", f"{b50:.2f} / {b99:.2f}", f"{b50 - a50:+.2f} ms p50", ""))
+
+    def upstream_stat(admin, stat):
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        c.request("GET", f"/stats?filter=^cluster.bench.{stat}$")
+        text = c.getresponse().read().decode()
+        return int(text.split(":")[1]) if ":" in text else 0
+    (c1, c2) = (upstream_stat(p, "upstream_cx_total") for p in admins)
+    (v1, v2) = (upstream_stat(p, "upstream_cx_http2_total") for p in admins)
+    rows.append((f"HTTPS provider: TLS connections opened to it over all the runs above ({a.connections} client "
+                 "connections; HTTP/2 ones in parentheses)", f"{c1:,} ({v1})", f"{c2:,} ({v2})", "", ""))
+    return rows
 
 
 def gateway_config(workdir, upstream_port, transport, name="b", extra=""):
@@ -729,9 +800,9 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys"], default="all",
+    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2"], default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
-                         "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout")
+                         "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -760,6 +831,9 @@ def main():
             raise _Done
         if a.only == "fallback":
             rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
+            raise _Done
+        if a.only == "http2":
+            rows += http2_rows(procs, workdir, a, alternate)
             raise _Done
         if a.only == "keys":
             cfg, key = gateway_config(workdir, up, "uds", name="keys")
@@ -834,6 +908,7 @@ def main():
         rows += key_reload_rows(url_b, key)
         rows += spend_rows(procs, workdir, up, a, alternate, [1000])
         rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
+        rows += http2_rows(procs, workdir, a, alternate)
         before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
@@ -872,7 +947,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys"):
+    elif a.only in ("fallback", "keys", "http2"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"

@@ -17,7 +17,8 @@
 //!   a last route answers 404 for anything the processor did not route;
 //! - local reply mappers, so Envoy's own errors are OpenAI-shaped JSON too;
 //! - one cluster per backend (TLS with SNI, the system CA bundle and a
-//!   name check for `https`)
+//!   name check for `https`, and HTTP/2 when the provider offers it by
+//!   ALPN: one connection instead of one per concurrent request)
 //!   and one for the processor (HTTP/2, TCP or Unix socket);
 //! - per fallback chain, an aggregate cluster over its backends' clusters
 //!   (one priority each, in order) whose upstream filters run the attempt
@@ -439,7 +440,7 @@ fn chain_cluster(config: &Config, chain: &[&BackendConfig]) -> Result<Value, Ren
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
     });
-    let mut options = http_protocol_options(json!({"http_protocol_options": {}}));
+    let mut options = http_protocol_options(explicit(json!({"http_protocol_options": {}})));
     options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"] =
         json!([attempt_filter, content_length, codec]);
     Ok(json!({
@@ -561,7 +562,13 @@ fn backend_cluster(
                 "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"backend": backend.name}}},
             }]}],
         },
-        "typed_extension_protocol_options": http_protocol_options(json!({"http_protocol_options": {}})),
+        // Over TLS, HTTP/2 when the provider offers it by ALPN, else
+        // HTTP/1.1; in the clear, HTTP/1.1 (no ALPN to ask with).
+        "typed_extension_protocol_options": http_protocol_options(if url.tls {
+            json!({"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}})
+        } else {
+            explicit(json!({"http_protocol_options": {}}))
+        }),
     });
     if let Some(retry) = chained {
         // A backend that keeps failing is left out of its chains for a
@@ -614,7 +621,7 @@ fn extproc_cluster(config: &Config) -> Value {
         // A buffered request body travels to the processor in one gRPC
         // message: the connection must be allowed to hold it.
         "per_connection_buffer_limit_bytes": config.limits.max_request_body_bytes + 64 * 1024,
-        "typed_extension_protocol_options": http_protocol_options(json!({"http2_protocol_options": {}})),
+        "typed_extension_protocol_options": http_protocol_options(explicit(json!({"http2_protocol_options": {}}))),
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
@@ -645,11 +652,21 @@ fn extproc_cluster(config: &Config) -> Value {
     cluster
 }
 
-fn http_protocol_options(explicit: Value) -> Value {
-    json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+/// Upstream HTTP options; `protocol` is how the protocol is chosen:
+/// `explicit_http_config` or `auto_config`.
+fn http_protocol_options(protocol: Value) -> Value {
+    let mut options = json!({
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": explicit,
-    }})
+    });
+    if let (Some(options), Value::Object(protocol)) = (options.as_object_mut(), protocol) {
+        options.extend(protocol);
+    }
+    json!({ "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options })
+}
+
+/// One HTTP version, chosen here.
+fn explicit(version: Value) -> Value {
+    json!({ "explicit_http_config": version })
 }
 
 fn socket_address(addr: SocketAddr) -> Value {
@@ -746,6 +763,11 @@ mod tests {
         let tars = clusters.iter().find(|c| c["name"] == "tars").unwrap();
         let tls = &tars["transport_socket"]["typed_config"];
         assert_eq!(tls["sni"], "api.router.tetrate.ai");
+        // HTTP/2 when the provider offers it by ALPN, HTTP/1.1 otherwise.
+        let protocol = &tars["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert!(protocol["auto_config"]["http2_protocol_options"].is_object());
+        assert!(protocol["auto_config"]["http_protocol_options"].is_object());
         assert_eq!(
             tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
             "/etc/ssl/certs/ca-certificates.crt"

@@ -14,8 +14,17 @@ async fn https_backends_by_name_and_by_address_are_checked_and_served() {
     let ca_file = ca.write(dir.path(), "ca.pem");
     let by_name_cert = ca.issue(dir.path(), "by-name", &["localhost"]);
     let by_ip_cert = ca.issue(dir.path(), "by-ip", &["127.0.0.1"]);
-    let by_name = FakeUpstream::start_tls("by-name", &by_name_cert.cert, &by_name_cert.key).await;
-    let by_ip = FakeUpstream::start_tls("by-ip", &by_ip_cert.cert, &by_ip_cert.key).await;
+    // One offers HTTP/2 by ALPN, the other only HTTP/1.1: Envoy speaks
+    // what each offers.
+    let by_name = FakeUpstream::start_tls(
+        "by-name",
+        &by_name_cert.cert,
+        &by_name_cert.key,
+        &["h2", "http/1.1"],
+    )
+    .await;
+    let by_ip =
+        FakeUpstream::start_tls("by-ip", &by_ip_cert.cert, &by_ip_cert.key, &["http/1.1"]).await;
     let ca_option = format!("ca_file: {:?}", ca_file.display().to_string());
     let gw = Gateway::builder()
         .backend(
@@ -44,7 +53,7 @@ async fn https_backends_by_name_and_by_address_are_checked_and_served() {
     let seen = by_name.last();
     assert_eq!(seen.header("authorization"), Some("Bearer sk-named"));
     assert_eq!(
-        seen.header("host"),
+        seen.authority.as_deref(),
         Some(format!("localhost:{}", by_name.addr.port()).as_str())
     );
     assert_eq!(
@@ -60,6 +69,10 @@ async fn https_backends_by_name_and_by_address_are_checked_and_served() {
     let seen = by_ip.last();
     assert_eq!(seen.header("authorization"), Some("Bearer sk-addressed"));
     assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(
+        seen.version, "HTTP/1.1",
+        "HTTP/1.1 where only it is offered"
+    );
     // No SNI for an address (RFC 6066); the certificate's IP is checked.
     assert_eq!(by_ip.server_names(), [""]);
 }
@@ -73,7 +86,7 @@ async fn a_certificate_for_another_name_is_refused_before_any_request() {
     let ca = TestCa::new("test provider CA");
     let ca_file = ca.write(dir.path(), "ca.pem");
     let wrong = ca.issue(dir.path(), "wrong", &["api.elsewhere.example"]);
-    let up = FakeUpstream::start_tls("impostor", &wrong.cert, &wrong.key).await;
+    let up = FakeUpstream::start_tls("impostor", &wrong.cert, &wrong.key, &["http/1.1"]).await;
     let gw = Gateway::builder()
         .backend(
             "tars",

@@ -28,6 +28,10 @@ use tokio_stream::wrappers::ReceiverStream;
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: String,
+    /// The HTTP version it came in (`HTTP/1.1`, `HTTP/2.0`).
+    pub version: String,
+    /// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+    pub authority: Option<String>,
     pub path: String,
     /// The query string, without its `?`.
     pub query: Option<String>,
@@ -101,7 +105,7 @@ impl FakeUpstream {
         Self::start_with(name, addr, None).await
     }
 
-    async fn start_with(name: &str, addr: SocketAddr, tls: Option<(&Path, &Path)>) -> Self {
+    async fn start_with(name: &str, addr: SocketAddr, tls: Option<Tls<'_>>) -> Self {
         let inner = Arc::new(Inner {
             name: name.to_string(),
             recorded: Mutex::new(Vec::new()),
@@ -126,10 +130,10 @@ impl FakeUpstream {
                     let _ = axum::serve(listener, app).await;
                 });
             }
-            Some((cert, key)) => {
+            Some(tls) => {
                 let listener = TlsListener {
                     tcp: listener,
-                    acceptor: tls_acceptor(cert, key),
+                    acceptor: tls_acceptor(&tls),
                     inner: Arc::clone(&inner),
                 };
                 tokio::spawn(async move {
@@ -140,10 +144,12 @@ impl FakeUpstream {
         Self { addr, inner }
     }
 
-    /// Starts behind TLS with the PEM files `cert` and `key` (HTTP/1.1 by
-    /// ALPN), on an ephemeral loopback port.
-    pub async fn start_tls(name: &str, cert: &Path, key: &Path) -> Self {
-        Self::start_with(name, "127.0.0.1:0".parse().unwrap(), Some((cert, key))).await
+    /// Starts behind TLS with the PEM files `cert` and `key`, offering the
+    /// ALPN protocols `alpn` (`h2`, `http/1.1`), on an ephemeral loopback
+    /// port.
+    pub async fn start_tls(name: &str, cert: &Path, key: &Path, alpn: &[&str]) -> Self {
+        let tls = Tls { cert, key, alpn };
+        Self::start_with(name, "127.0.0.1:0".parse().unwrap(), Some(tls)).await
     }
 
     /// The server names (SNI) the TLS handshakes asked for.
@@ -216,6 +222,14 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .unwrap_or_default();
     let recorded = Recorded {
         method: parts.method.to_string(),
+        version: format!("{:?}", parts.version),
+        authority: parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        }),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),
         headers: parts.headers,
@@ -407,12 +421,19 @@ fn sse_response(
     )
 }
 
-fn tls_acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
-    let certs = CertificateDer::pem_file_iter(cert)
+/// How a fake provider serves TLS.
+struct Tls<'a> {
+    cert: &'a Path,
+    key: &'a Path,
+    alpn: &'a [&'a str],
+}
+
+fn tls_acceptor(tls: &Tls<'_>) -> TlsAcceptor {
+    let certs = CertificateDer::pem_file_iter(tls.cert)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let key = PrivateKeyDer::from_pem_file(tls.key).unwrap();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -421,7 +442,7 @@ fn tls_acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     TlsAcceptor::from(Arc::new(config))
 }
 
