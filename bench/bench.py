@@ -141,6 +141,7 @@ http {{
   access_log off;
   client_body_temp_path {d}/nginx-body;
   client_body_buffer_size 1m;
+  client_max_body_size 64m;
   keepalive_requests 10000000;
   map $http_x_bench_stream $bench_body {{
     default '{nginx_escape(COMPLETION)}';
@@ -423,7 +424,7 @@ def ttfb_samples(url, n):
     return samples
 
 
-def sequential_ms(url, n, expect=200):
+def sequential_ms(url, n, expect=200, body=CHAT):
     """Latencies of `n` chat requests sent one at a time on one connection,
     in ms: the cost of each step without queueing behind other requests."""
     host, port = url.split("//")[1].split(":")
@@ -431,7 +432,7 @@ def sequential_ms(url, n, expect=200):
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"content-type": "application/json"})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
         r = conn.getresponse()
         r.read()
         samples.append((time.perf_counter() - t0) * 1000)
@@ -701,6 +702,40 @@ backends:
     return cfg, yaml.safe_load(out.stdout)
 
 
+def body_rows(procs, workdir, a):
+    """Chat bodies of 1 KB to 8 MB, one request at a time: what the
+    processor adds as contexts grow (the model is read without building a
+    tree; Envoy buffers the body and sends it in one message)."""
+    # The fake provider reads the whole body before it answers; nginx's
+    # `return` answers first, and Envoy alone then resets a client still
+    # sending a large body.
+    port = free_port()
+    procs.start("fake-upstream-bodies", [str(FAKE_UPSTREAM), f"127.0.0.1:{port}"])
+    wait_http(f"http://127.0.0.1:{port}/v1/models")
+    cfg, _ = gateway_config(workdir, port, "uds", name="bodies")
+    ext = start_extproc(procs, cfg, "bodies")
+    url_b = start_envoy(procs, workdir, "bodies", render(cfg))
+    url_a = start_envoy(procs, workdir, "bodies-alone", plain_envoy(render(cfg)))
+    rows = []
+    for size, n in ((1_000, 300), (100_000, 200), (1_000_000, 60), (8_000_000, 15)):
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * (size - 64)}]})
+        for u in (url_a, url_b):
+            sequential_ms(u, 3, body=body)
+        lat_a, lat_b, cpu = [], [], []
+        for _ in range(a.rounds):
+            lat_a += sequential_ms(url_a, n, body=body)
+            c0 = cpu_seconds(ext.pid)
+            lat_b += sequential_ms(url_b, n, body=body)
+            cpu.append((cpu_seconds(ext.pid) - c0) / n * 1e3)
+        pa, pb, c = statistics.median(lat_a), statistics.median(lat_b), statistics.median(cpu)
+        label = f"{size / 1e6:g} MB" if size >= 1_000_000 else f"{size / 1e3:g} KB"
+        rows.append((f"chat body {label}, one request at a time: p50 (ms); processor CPU per request",
+                     f"{pa:.2f}", f"{pb:.2f}; CPU {c:.2f} ms",
+                     f"added {pb - pa:+.2f} ms; CPU {c / (size / 1e6):.2f} ms per MB", "< 0.5 ms per MB"))
+    rows.append(("processor peak RSS after the 8 MB bodies", "", f"{peak_rss_mib(ext.pid):.1f} MiB", "", ""))
+    return rows
+
+
 def fallback_rows(procs, workdir, up, a, alternate, rates):
     """What fallback costs: a model without a chain (now, and before this
     change with --baseline), the same model on a chain whose first backend
@@ -800,9 +835,10 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2"], default="all",
+    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies"], default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
-                         "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider")
+                         "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
+                         "bodies: only the body-size rows")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -831,6 +867,9 @@ def main():
             raise _Done
         if a.only == "fallback":
             rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
+            raise _Done
+        if a.only == "bodies":
+            rows += body_rows(procs, workdir, a)
             raise _Done
         if a.only == "http2":
             rows += http2_rows(procs, workdir, a, alternate)
@@ -909,6 +948,7 @@ def main():
         rows += spend_rows(procs, workdir, up, a, alternate, [1000])
         rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
         rows += http2_rows(procs, workdir, a, alternate)
+        rows += body_rows(procs, workdir, a)
         before, peak, n = concurrent_streams_rss(procs, workdir, 1000)
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
@@ -947,7 +987,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys", "http2"):
+    elif a.only in ("fallback", "keys", "http2", "bodies"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"
