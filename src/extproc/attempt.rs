@@ -49,6 +49,9 @@ pub struct AttemptExchange {
     /// Set once the request headers were answered.
     begun: Option<Begun>,
     answered: bool,
+    /// The attempt was refused with an answer of the pass's own: Envoy
+    /// sends nothing more on this stream.
+    refused: bool,
 }
 
 struct Begun {
@@ -63,6 +66,7 @@ impl AttemptExchange {
             state,
             begun: None,
             answered: false,
+            refused: false,
         }
     }
 
@@ -70,9 +74,11 @@ impl AttemptExchange {
     /// headers, once each, is a gRPC error.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
         match message.request {
-            Some(Request::RequestHeaders(h)) if self.begun.is_none() => {
+            Some(Request::RequestHeaders(h)) if self.begun.is_none() && !self.refused => {
                 let backend = backend_attribute(&message.attributes);
-                Ok(self.on_request_headers(&h, backend.as_deref()))
+                let answer = self.on_request_headers(&h, backend.as_deref());
+                self.refused = self.begun.is_none();
+                Ok(answer)
             }
             Some(Request::ResponseHeaders(h)) if self.begun.is_some() && !self.answered => {
                 Ok(self.on_response_headers(&h))
@@ -90,6 +96,7 @@ impl AttemptExchange {
         let Some(chain) = self.state.chains.get(&id) else {
             // Not a request the router pass sent here (or this process was
             // restarted in between): fail closed, no key.
+            tracing::warn!(request_id = %id, "an attempt for a request this processor is not serving: refused");
             return reply::error(&ApiError::chain_lost());
         };
         let Some(hop) = backend.and_then(|b| chain.route.hops().find(|h| *h.backend.name == *b))
@@ -377,6 +384,13 @@ mod tests {
                 Err(status) => assert!(!answered, "{what}: {status}"),
             }
         }
+        // Nothing more after a refusal.
+        let mut refused = AttemptExchange::new(Arc::clone(&state));
+        refused
+            .on_message(request_headers("client-id", Some("a")))
+            .unwrap();
+        assert!(refused.on_message(request_headers(&id, Some("a"))).is_err());
+        assert!(refused.on_message(response_headers("200")).is_err());
         // A second request headers message on one stream is refused.
         let mut attempt = AttemptExchange::new(Arc::clone(&state));
         attempt.on_message(request_headers(&id, Some("a"))).unwrap();
