@@ -29,10 +29,11 @@ use tonic::Status;
 use super::chains::ChainRequest;
 use super::headers::{header, request_head, response_status};
 use super::order::{Message, StreamOrder};
-use super::reply::{self, Changes};
+use super::reply::{self, Changes, Destination};
 use super::report::{self, Completion};
 use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead, Target};
 use crate::metrics::Phase;
+use crate::openai::error::ApiError;
 use crate::openai::response::ResponseReader;
 use crate::openai::usage::{Observed, UsageGap};
 use crate::openai::Endpoint;
@@ -191,7 +192,17 @@ impl Exchange {
             }
             HeadDecision::Forward(admitted, hygiene, forward) => {
                 self.admitted = Some(admitted);
-                let mut changes = reply::forward(&forward, None);
+                // A model listing goes to one backend: never a chain.
+                let Target::Backend { key, body } = &forward.target else {
+                    return self.answer(Answer::Error(ApiError::internal(
+                        "a model listing on a chain",
+                    )));
+                };
+                let to = Destination::Backend {
+                    key,
+                    body: body.as_ref(),
+                };
+                let mut changes = reply::forward(&forward, to);
                 changes.add(reply::hygiene(hygiene));
                 self.forwarded = Some(Forwarded::from(forward));
                 reply::request_headers(changes)
@@ -238,11 +249,26 @@ impl Exchange {
             Ok(r) => r,
             Err(e) => return self.answer(Answer::Error(e)),
         };
-        let chain = match &forward.target {
-            Target::Chain { model_span } => Some(self.register_chain(&forward, chunk, model_span)),
-            Target::Backend { .. } => None,
+        let (changes, chain) = match (&forward.target, &forward.route.chain) {
+            (Target::Chain { model_span }, Some(name)) => {
+                let (id, chain) = self.register_chain(&forward, chunk, model_span);
+                let to = Destination::Chain { name, id: &id };
+                (reply::forward(&forward, to), Some((id, chain)))
+            }
+            (Target::Backend { key, body }, _) => {
+                let to = Destination::Backend {
+                    key,
+                    body: body.as_ref(),
+                };
+                (reply::forward(&forward, to), None)
+            }
+            // The decision names a chain only for a route that has one.
+            (Target::Chain { .. }, None) => {
+                return self.answer(Answer::Error(ApiError::internal(
+                    "a chain target on a route without a chain",
+                )));
+            }
         };
-        let changes = reply::forward(&forward, chain.as_ref().map(|(id, _)| &**id));
         let mut forwarded = Forwarded::from(forward);
         forwarded.reservation = reservation;
         forwarded.chain = chain;

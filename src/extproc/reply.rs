@@ -14,8 +14,9 @@ use envoy_types::pb::google::protobuf::Struct;
 
 use super::chains::REQUEST_ID_HEADER;
 use super::{BACKEND_HEADER, MODEL_HEADER};
-use crate::decision::{Forward, Hygiene, Target};
+use crate::decision::{Forward, Hygiene};
 use crate::openai::error::ApiError;
+use crate::provider_keys::ApiKey;
 
 /// A header to set, replacing any value the request already had.
 pub fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
@@ -73,20 +74,34 @@ impl Changes {
     }
 }
 
-/// The changes that send a request where `forward` says: the routing
-/// header Envoy's routes match on (and a new route match), the model for
-/// the access log, and for one backend its key and the rewritten body with
-/// its length. A chain gets its keys and bodies per attempt (`attempt`);
-/// here it only gets the id its attempts find it by.
-pub fn forward(forward: &Forward, chain_id: Option<&str>) -> Changes {
+/// Where a forwarded request goes, as the exchange knows it once it has
+/// decided: one backend with its key, or a chain by the id its attempts
+/// will carry.
+pub enum Destination<'a> {
+    Backend {
+        key: &'a ApiKey,
+        body: Option<&'a Vec<u8>>,
+    },
+    Chain {
+        name: &'a str,
+        id: &'a str,
+    },
+}
+
+/// The changes that send a request to `to`: the routing header Envoy's
+/// routes match on (and a new route match), the model for the access log,
+/// and for one backend its key and the rewritten body with its length. A
+/// chain gets its keys and bodies per attempt (`attempt`); here it only
+/// gets the id its attempts find it by.
+pub fn forward(forward: &Forward, to: Destination<'_>) -> Changes {
     let mut set = Vec::with_capacity(4);
     let mut body = None;
-    match (&forward.target, &forward.route.chain, chain_id) {
-        (Target::Chain { .. }, Some(chain), Some(id)) => {
-            set.push(set_header(BACKEND_HEADER, chain.as_bytes()));
+    match to {
+        Destination::Chain { name, id } => {
+            set.push(set_header(BACKEND_HEADER, name.as_bytes()));
             set.push(set_header(REQUEST_ID_HEADER, id.as_bytes()));
         }
-        (Target::Backend { key, body: renamed }, _, _) => {
+        Destination::Backend { key, body: renamed } => {
             set.push(set_header(
                 BACKEND_HEADER,
                 forward.route.backend.name.as_bytes(),
@@ -97,9 +112,6 @@ pub fn forward(forward: &Forward, chain_id: Option<&str>) -> Changes {
                 body = Some(b.clone());
             }
         }
-        // A chain without its id is not sent anywhere: Envoy's last route
-        // answers 404 for a request without a routing header.
-        (Target::Chain { .. }, _, _) => {}
     }
     if let Some(model) = &forward.model {
         set.push(set_header(MODEL_HEADER, model.as_bytes()));

@@ -165,6 +165,18 @@ impl ApiError {
         )
     }
 
+    /// A state the gateway's own logic rules out; refused rather than
+    /// guessed at (fail closed).
+    pub fn internal(what: &str) -> Self {
+        tracing::error!("internal inconsistency: {what}; the request was refused");
+        Self::new(
+            500,
+            "server_error",
+            "gateway_internal_error",
+            "The gateway could not route this request (an internal inconsistency, logged); try again.".to_string(),
+        )
+    }
+
     /// The response body.
     pub fn to_json(&self) -> Vec<u8> {
         error_json(&self.message, self.kind, self.code)
