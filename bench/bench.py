@@ -523,14 +523,20 @@ def key_reload_rows(url, key):
 
 
 def concurrent_streams_rss(procs, workdir, streams):
-    """Peak processor RSS while `streams` streams are open at once."""
+    """Peak processor RSS while `streams` streams are open at once (a
+    fresh processor each time, so each peak is its own)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * streams + 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    name = f"streams-{streams}"
     port = free_port()
     env = dict(os.environ, FAKE_UPSTREAM_STREAM_INTERVAL_MS="300")
-    procs.start("fake-upstream", [str(FAKE_UPSTREAM), f"127.0.0.1:{port}"], env=env)
+    procs.start(f"fake-upstream-{name}", [str(FAKE_UPSTREAM), f"127.0.0.1:{port}"], env=env)
     wait_http(f"http://127.0.0.1:{port}/v1/models")
-    cfg, _ = gateway_config(workdir, port, "uds", name="streams")
-    ext = start_extproc(procs, cfg, "streams")
-    url = start_envoy(procs, workdir, "streams", render(cfg))
+    cfg, _ = gateway_config(workdir, port, "uds", name=name)
+    ext = start_extproc(procs, cfg, name)
+    url = start_envoy(procs, workdir, name, render(cfg))
     before = peak_rss_mib(ext.pid)
     # Each stream lasts about 1.8 s (6 pauses of 300 ms): with `streams`
     # connections for 6 s, that many are open together.
@@ -541,6 +547,26 @@ def concurrent_streams_rss(procs, workdir, streams):
     if set(codes) != {"200"}:
         raise SystemExit(f"bench: concurrent streams failed: {codes}")
     return before, peak_rss_mib(ext.pid), sum(codes.values())
+
+
+def stream_rows(procs, workdir):
+    """Processor RSS with 1,000, 5,000 and 10,000 streams open at once, and
+    what each stream adds."""
+    rows, points = [], []
+    for n in (1000, 5000, 10000):
+        if points:
+            # Each level leaves 2 x n sockets in TIME_WAIT for a minute; the
+            # next level would run out of loopback ports (measured: 503s
+            # from connections Envoy could not open, not from the gateway).
+            time.sleep(65)
+        before, peak, total = concurrent_streams_rss(procs, workdir, n)
+        points.append((n, peak))
+        rows.append((f"processor RSS with {n:,} concurrent streams ({total:,} streams)", "",
+                     f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB" if n == 1000 else ""))
+    (n0, p0), (n1, p1) = points[0], points[-1]
+    rows.append(("processor memory per open stream (slope from 1,000 to 10,000)", "",
+                 f"{(p1 - p0) * 1024 / (n1 - n0):.1f} KiB", "", ""))
+    return rows
 
 
 BENCH_KEY = "gw-bench-0123456789abcdef"
@@ -835,10 +861,11 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies"], default="all",
+    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams"],
+                    default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
-                         "bodies: only the body-size rows")
+                         "bodies: only the body-size rows; streams: only the concurrent-stream memory rows")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -867,6 +894,9 @@ def main():
             raise _Done
         if a.only == "fallback":
             rows += fallback_rows(procs, workdir, up, a, alternate, [1000])
+            raise _Done
+        if a.only == "streams":
+            rows += stream_rows(procs, workdir)
             raise _Done
         if a.only == "bodies":
             rows += body_rows(procs, workdir, a)
@@ -987,7 +1017,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys", "http2", "bodies"):
+    elif a.only in ("fallback", "keys", "http2", "bodies", "streams"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"

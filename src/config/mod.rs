@@ -199,6 +199,12 @@ pub struct ModelConfig {
 pub struct LimitsConfig {
     #[serde(default = "default_max_request_body_bytes")]
     pub max_request_body_bytes: u64,
+    /// Requests one Envoy serves at once, per backend and through the
+    /// processor. Envoy's own default is 1,024 per cluster: past it, a
+    /// gateway answered 500 (the processor's cluster) or 503 (a backend's),
+    /// which long LLM streams reach quickly.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u32,
 }
 
 /// How files (keys, this config) are watched.
@@ -244,6 +250,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            max_concurrent_requests: default_max_concurrent_requests(),
         }
     }
 }
@@ -281,6 +288,10 @@ fn default_idle_timeout() -> Duration {
 fn default_ca_file() -> PathBuf {
     PathBuf::from(DEFAULT_CA_FILE)
 }
+fn default_max_concurrent_requests() -> u32 {
+    10_000
+}
+
 fn default_max_request_body_bytes() -> u64 {
     DEFAULT_MAX_REQUEST_BODY_BYTES
 }

@@ -124,6 +124,12 @@ impl Config {
                 format!("{body} is outside 1024..={MAX_REQUEST_BODY_BYTES_CEILING}"),
             );
         }
+        if !(1..=1_000_000).contains(&self.limits.max_concurrent_requests) {
+            report(
+                "limits.max_concurrent_requests".into(),
+                "must be 1 to 1000000".into(),
+            );
+        }
         if self.extproc.message_timeout.is_some_and(|t| t.is_zero()) {
             report(
                 "extproc.message_timeout".into(),
