@@ -114,7 +114,7 @@ impl AttemptExchange {
             .as_ref()
             .map_or(chain.body_len, Vec::len)
             .to_string();
-        let index = chain.begin(Arc::clone(&hop.backend));
+        let index = chain.begin(hop.clone());
         self.begun = Some(Begun {
             backend: name.clone(),
             chain,
@@ -321,6 +321,22 @@ mod tests {
         (set, body)
     }
 
+    /// The `content_length` the answer writes in the gateway's metadata.
+    fn content_length(answer: &ProcessingResponse) -> Option<String> {
+        let ns = answer
+            .dynamic_metadata
+            .as_ref()?
+            .fields
+            .get(crate::extproc::report::METADATA_NAMESPACE)?;
+        let Some(Kind::StructValue(fields)) = &ns.kind else {
+            return None;
+        };
+        match fields.fields.get(CONTENT_LENGTH_FIELD)?.kind.as_ref()? {
+            Kind::StringValue(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
     #[test]
     fn each_attempt_gets_its_own_key_path_and_body() {
         let state = state();
@@ -333,6 +349,7 @@ mod tests {
         assert!(set.contains(&("authorization".into(), "Bearer sk-a".into())));
         assert!(set.contains(&(":path".into(), "/v1/chat/completions".into())));
         assert_eq!(sent.as_deref(), Some(&body[..]));
+        assert_eq!(content_length(&answer), Some(body.len().to_string()));
         first.on_message(response_headers("429")).unwrap();
         // Backend b: its own key, its path prefix, its model name, and the
         // length of that body in the metadata.
@@ -343,15 +360,15 @@ mod tests {
         assert!(set.contains(&(":path".into(), "/openai/v1/chat/completions".into())));
         let sent = sent.unwrap();
         assert_eq!(sent, br#"{"model":"m-b","messages":[]}"#);
-        let metadata = format!("{:?}", answer.dynamic_metadata);
-        assert!(
-            metadata.contains(&format!("\"{}\"", sent.len())),
-            "{metadata}"
+        assert_eq!(
+            content_length(&answer).as_deref(),
+            Some(sent.len().to_string().as_str()),
+            "the length of this attempt's body, for its content-length"
         );
         second.on_message(response_headers("200")).unwrap();
         let chain = state.chains.get(&id).unwrap();
         assert_eq!(chain.attempts_line(), "a:429 b:200");
-        assert_eq!(&*chain.answering_backend().unwrap().name, "b");
+        assert_eq!(&*chain.answering_hop().unwrap().backend.name, "b");
     }
 
     /// Table: what an attempt that does not fit gets. Never a key.

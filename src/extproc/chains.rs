@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::routes::{Backend, Route};
+use crate::routes::{Hop, Route};
 
 /// The header both passes read the request's id from.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -42,7 +42,8 @@ pub struct ChainRequest {
 /// One attempt, as far as it went.
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    pub backend: Arc<Backend>,
+    /// The chain's backend it went to, with the model name it got.
+    pub hop: Hop,
     /// The status the backend answered; `None`: no answer (a connection
     /// that failed or was reset).
     pub status: Option<u16>,
@@ -66,13 +67,10 @@ impl ChainRequest {
         }
     }
 
-    /// Records that an attempt to `backend` begins; returns its index.
-    pub fn begin(&self, backend: Arc<Backend>) -> usize {
+    /// Records that an attempt to `hop` begins; returns its index.
+    pub fn begin(&self, hop: Hop) -> usize {
         let mut attempts = self.attempts();
-        attempts.push(Attempt {
-            backend,
-            status: None,
-        });
+        attempts.push(Attempt { hop, status: None });
         attempts.len() - 1
     }
 
@@ -92,12 +90,12 @@ impl ChainRequest {
 
     /// The backend whose answer the client gets: the last one that
     /// answered.
-    pub fn answering_backend(&self) -> Option<Arc<Backend>> {
+    pub fn answering_hop(&self) -> Option<Hop> {
         self.attempts()
             .iter()
             .rev()
             .find(|a| a.status.is_some())
-            .map(|a| Arc::clone(&a.backend))
+            .map(|a| a.hop.clone())
     }
 
     /// The attempts for the request log: `tars:429 other:200`, `-` for an
@@ -109,8 +107,8 @@ impl ChainRequest {
                 line.push(' ');
             }
             let _ = match a.status {
-                Some(s) => write!(line, "{}:{s}", a.backend.name),
-                None => write!(line, "{}:-", a.backend.name),
+                Some(s) => write!(line, "{}:{s}", a.hop.backend.name),
+                None => write!(line, "{}:-", a.hop.backend.name),
             };
         }
         line
@@ -199,15 +197,16 @@ mod tests {
     fn the_last_backend_that_answered_is_the_answering_one() {
         let chain = ChainRequest::new(route(), "m".into(), "/".into(), None, 2);
         let hops: Vec<_> = chain.route.hops().collect();
-        assert!(chain.answering_backend().is_none());
-        let first = chain.begin(Arc::clone(&hops[0].backend));
+        let answering = || chain.answering_hop().map(|h| h.backend.name.to_string());
+        assert!(answering().is_none());
+        let first = chain.begin(hops[0].clone());
         chain.answered(first, 429);
-        let second = chain.begin(Arc::clone(&hops[1].backend));
-        assert_eq!(&*chain.answering_backend().unwrap().name, "a");
+        let second = chain.begin(hops[1].clone());
+        assert_eq!(answering().as_deref(), Some("a"));
         chain.answered(second, 200);
-        assert_eq!(&*chain.answering_backend().unwrap().name, "b");
+        assert_eq!(answering().as_deref(), Some("b"));
         assert_eq!(chain.attempts_line(), "a:429 b:200");
-        let third = chain.begin(Arc::clone(&hops[0].backend));
+        let third = chain.begin(hops[0].clone());
         let _ = third;
         assert_eq!(chain.attempts_line(), "a:429 b:200 a:-");
     }

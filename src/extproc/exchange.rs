@@ -439,10 +439,7 @@ impl Exchange {
         let Some((_, chain)) = &fwd.chain else {
             return;
         };
-        let Some(hop) = chain
-            .answering_backend()
-            .and_then(|b| chain.route.hops().find(|h| h.backend.name == b.name))
-        else {
+        let Some(hop) = chain.answering_hop() else {
             return;
         };
         if hop.backend.name == fwd.backend.name {

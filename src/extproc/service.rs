@@ -4,8 +4,9 @@
 //! attempt when the request is on a fallback chain (marked by
 //! [`PASS_HEADER`]). Each stream gets its own [`Exchange`] or attempt, and
 //! the answers are produced by unfolding the inbound stream in place, one
-//! message at a time: no task, no channel and no lock per request. Only an admission against a remote spend store
-//! waits on I/O, and then only that stream waits.
+//! message at a time: no task, no channel and no lock per request. Only an
+//! admission against a remote spend store waits on I/O, and then only that
+//! stream waits.
 
 use std::pin::Pin;
 use std::sync::Arc;
