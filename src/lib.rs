@@ -19,7 +19,9 @@
 //! - [`spend`]: budgets and rate limits, reserved before admission;
 //! - [`openai`]: the OpenAI-compatible API (endpoints, bodies, errors);
 //! - [`extproc`]: the gRPC service and the per-request state machine;
-//! - [`envoy_config`]: the Envoy bootstrap rendered from the same config;
+//! - [`envoy_config`]: Envoy's resources and bootstrap, rendered from the
+//!   same config;
+//! - [`xds`]: those resources served live to Envoy (ADS);
 //! - [`admin`], [`metrics`], [`logging`], [`shutdown`]: operations;
 //! - [`login`]: `ai-gateway-extproc login`, a key by OAuth PKCE.
 
@@ -43,6 +45,7 @@ pub mod spend;
 pub mod state;
 pub mod watch;
 pub mod watched_file;
+pub mod xds;
 
 /// The version shown by `--version` and in the start log line.
 pub const VERSION: &str = concat!(

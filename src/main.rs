@@ -16,7 +16,7 @@ use ai_gateway_extproc::client_keys::{ClientKeySet, ClientKeys, ClientKeysReload
 use ai_gateway_extproc::config::{parse_socket_addr, Config, ListenAddr, Overrides};
 use ai_gateway_extproc::config_reload::ConfigReload;
 use ai_gateway_extproc::extproc::listener::ExtProcListener;
-use ai_gateway_extproc::extproc::stream_auth::{read_secret, StreamAuth};
+use ai_gateway_extproc::extproc::stream_auth::StreamAuth;
 use ai_gateway_extproc::extproc::ExtProcService;
 use ai_gateway_extproc::logging::{self, LogFormat};
 use ai_gateway_extproc::login::{LoginOptions, Output};
@@ -26,6 +26,7 @@ use ai_gateway_extproc::spend::prices::PriceRefresher;
 use ai_gateway_extproc::spend::Spend;
 use ai_gateway_extproc::state::{GatewayState, Snapshot};
 use ai_gateway_extproc::watched_file::WatchedFile;
+use ai_gateway_extproc::xds::{AdsService, ServedResources};
 use ai_gateway_extproc::{admin, envoy_config, shutdown, VERSION};
 
 /// Envoy external processor that turns Envoy into an OpenAI-compatible LLM
@@ -80,12 +81,25 @@ struct Addresses {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the Envoy bootstrap YAML for the configuration: listener,
-    /// ext_proc filter, routes, one cluster per backend.
-    EnvoyConfig(Addresses),
+    /// Print the Envoy bootstrap YAML for the configuration. By default
+    /// Envoy gets its listener, routes and clusters from the running
+    /// processor over xDS, live; --static puts them all in the bootstrap.
+    EnvoyConfig(EnvoyConfigArgs),
     /// Get a TARS API key by signing in with a browser (OAuth 2.0 PKCE) and
     /// write it where the gateway reads it; a running gateway picks it up.
     Login(LoginArgs),
+}
+
+#[derive(clap::Args)]
+struct EnvoyConfigArgs {
+    #[command(flatten)]
+    addresses: Addresses,
+
+    /// Everything in the bootstrap, no xDS: a change to backends, models'
+    /// fallbacks, timeouts or limits then needs a new render and an Envoy
+    /// restart.
+    #[arg(long = "static")]
+    static_resources: bool,
 }
 
 #[derive(clap::Args)]
@@ -124,7 +138,7 @@ struct LoginArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Some(Command::EnvoyConfig(addresses)) => print_envoy_config(&cli, addresses),
+        Some(Command::EnvoyConfig(args)) => print_envoy_config(&cli, args),
         Some(Command::Login(args)) => login(&cli, args),
         None => run(cli),
     };
@@ -171,14 +185,23 @@ fn load_config(cli: &Cli, addresses: &Addresses) -> Result<(PathBuf, Config)> {
     Ok((path, config))
 }
 
-fn print_envoy_config(cli: &Cli, addresses: &Addresses) -> Result<()> {
+fn print_envoy_config(cli: &Cli, args: &EnvoyConfigArgs) -> Result<()> {
     // Before or after the command name, as the user wrote it.
     let addresses = Addresses {
-        listen: addresses.listen.clone().or(cli.addresses.listen.clone()),
-        admin_listen: addresses.admin_listen.or(cli.addresses.admin_listen),
+        listen: args
+            .addresses
+            .listen
+            .clone()
+            .or(cli.addresses.listen.clone()),
+        admin_listen: args.addresses.admin_listen.or(cli.addresses.admin_listen),
     };
     let (_, config) = load_config(cli, &addresses)?;
-    print!("{}", envoy_config::render(&config)?);
+    let bootstrap = if args.static_resources {
+        envoy_config::render_static(&config)?
+    } else {
+        envoy_config::render_dynamic(&config)?
+    };
+    print!("{bootstrap}");
     Ok(())
 }
 
@@ -250,7 +273,6 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     );
     key_watcher.load_now().await;
 
-    let extproc_addr = snapshot.config.extproc.listen.clone();
     let admin_addr = snapshot.config.admin.listen;
     let body_limit = snapshot.max_request_body_bytes;
     let (backends, models) = (snapshot.config.backends.len(), snapshot.config.models.len());
@@ -272,11 +294,16 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     ));
 
     let extproc = ExtProcListener::bind(&state.snapshot().config.extproc).await?;
-    let stream_auth = match (&extproc_addr, &state.snapshot().config.extproc.secret_file) {
-        (ListenAddr::Tcp(_), Some(file)) => StreamAuth::shared_secret(&read_secret(file)?),
+    let secret = envoy_config::stream_secret(&state.snapshot().config)?;
+    let stream_auth = match &secret {
+        Some(secret) => StreamAuth::shared_secret(secret),
         // A Unix socket's mode, or mutual TLS, lets only Envoy in.
-        _ => StreamAuth::transport(),
+        None => StreamAuth::transport(),
     };
+    let envoy = Arc::new(
+        ServedResources::new(&state.snapshot().config, secret, Arc::clone(&state.metrics))
+            .context("cannot make Envoy's resources from the configuration")?,
+    );
     let admin_listener = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on {admin_addr} (admin)"))?;
@@ -308,6 +335,7 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
         overrides: overrides(&cli.addresses),
         state: Arc::clone(&state),
         key_sources,
+        envoy: Arc::clone(&envoy),
     };
     tokio::spawn(WatchedFile::new(config_path, poll_interval).run(config_reload, stop_rx.clone()));
     tokio::spawn(
@@ -327,7 +355,9 @@ async fn serve(cli: Cli, config_path: PathBuf, config: Config) -> Result<()> {
     ));
 
     let service = ExtProcService::new(Arc::clone(&state), stream_auth);
-    let mut server = tokio::spawn(extproc.serve(service, body_limit, shutdown::requested(stop_rx)));
+    let ads = AdsService::new(envoy, stop_rx.clone());
+    let mut server =
+        tokio::spawn(extproc.serve(service, ads, body_limit, shutdown::requested(stop_rx)));
     tokio::select! {
         _ = shutdown::signal() => {}
         result = &mut server => {

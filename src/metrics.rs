@@ -89,6 +89,12 @@ pub struct Metrics {
     spend_store_errors: prometheus::IntCounter,
     /// Reported input tokens / estimated input tokens.
     token_estimate_ratio: prometheus::Histogram,
+    /// The xDS version served to Envoy, and the one Envoy acknowledged.
+    xds_version: IntGaugeVec,
+    /// Versions Envoy rejected (NACK).
+    xds_nacks: prometheus::IntCounter,
+    /// Envoys following the config over xDS now.
+    xds_streams: prometheus::IntGauge,
     /// Keeps model label values bounded.
     models: ModelLabels,
 }
@@ -304,12 +310,42 @@ impl Metrics {
                 r.register(Box::new(h.clone()))?;
                 h
             },
+            xds_version: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "ai_gateway_xds_version",
+                        "The xDS version of Envoy's resources: served (the newest the processor offers) and acked (the newest every connected Envoy accepted whole).",
+                    ),
+                    &["state"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            xds_nacks: {
+                let c = prometheus::IntCounter::new(
+                    "ai_gateway_xds_nacks_total",
+                    "xDS responses Envoy rejected (it keeps the last version it accepted; the log says why).",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            xds_streams: {
+                let g = prometheus::IntGauge::new(
+                    "ai_gateway_xds_streams",
+                    "Envoys following the gateway config over xDS now.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             models: ModelLabels::new(MODEL_LABEL_BUDGET),
             registry: r,
         };
         // Present from the start, so a dashboard or alert sees 0, not nothing.
         for result in ["success", "failure"] {
             metrics.config_reloads.with_label_values(&[result]);
+        }
+        for state in ["served", "acked"] {
+            metrics.xds_version.with_label_values(&[state]);
         }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
@@ -438,6 +474,28 @@ impl Metrics {
     pub fn config_reloaded(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// The processor offers Envoy this xDS version.
+    pub fn xds_served(&self, version: u64) {
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        self.xds_version.with_label_values(&["served"]).set(version);
+    }
+
+    /// Envoy accepted this xDS version whole.
+    pub fn xds_acked(&self, version: u64) {
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        self.xds_version.with_label_values(&["acked"]).set(version);
+    }
+
+    /// Envoy rejected an xDS response.
+    pub fn xds_nacked(&self) {
+        self.xds_nacks.inc();
+    }
+
+    /// An Envoy started (`+1`) or stopped (`-1`) following over xDS.
+    pub fn xds_stream(&self, delta: i64) {
+        self.xds_streams.add(delta);
     }
 
     /// A backend's key changed: this is its `generation`-th key.

@@ -14,17 +14,21 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::Request;
 
 use super::grpc::ExtProcEndpoint;
 use super::ExtProcService;
 use crate::config::{ExtprocConfig, ExtprocTls, ListenAddr};
 use crate::regular_file::{self, ReadError};
+use crate::xds::AdsService;
 
 /// Room for the protobuf framing around a request body in one message.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
@@ -102,16 +106,26 @@ impl ExtProcListener {
         }
     }
 
-    /// Serves `service`, and the gRPC health service beside it, until
+    /// Serves `service`, Envoy's xDS (`ads`, to the streams `service`'s
+    /// check lets in) and the gRPC health service beside them, until
     /// `shutdown` resolves and open streams finish. Health says SERVING
     /// until shutdown starts, then NOT_SERVING while streams drain.
     pub async fn serve(
         self,
         service: ExtProcService,
+        ads: AdsService,
         max_request_body_bytes: usize,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let limit = max_request_body_bytes.saturating_add(MESSAGE_OVERHEAD);
+        let auth = Arc::clone(service.auth());
+        // The listener Envoy gets over xDS carries the stream secret: the
+        // same check as the ext_proc streams, before any message is read.
+        let xds =
+            AggregatedDiscoveryServiceServer::with_interceptor(ads, move |request: Request<()>| {
+                auth.check(&request.metadata().clone().into_headers())?;
+                Ok(request)
+            });
         let grpc = ExtProcEndpoint::new(service, limit);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExtProcEndpoint>().await;
@@ -136,7 +150,10 @@ impl ExtProcListener {
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }
-        let server = builder.add_service(health_service).add_service(grpc);
+        let server = builder
+            .add_service(health_service)
+            .add_service(grpc)
+            .add_service(xds);
         match self.socket {
             Bound::Tcp(listener) => {
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

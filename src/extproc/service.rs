@@ -37,8 +37,9 @@ impl ExtProcService {
         }
     }
 
-    /// The check every stream passes before its first message.
-    pub fn auth(&self) -> &StreamAuth {
+    /// The check every stream passes before its first message (the xDS
+    /// streams on the same endpoint pass it too).
+    pub fn auth(&self) -> &Arc<StreamAuth> {
         &self.auth
     }
 }
