@@ -25,3 +25,4 @@ mod security;
 mod spend;
 mod streaming;
 mod tls;
+mod xds;

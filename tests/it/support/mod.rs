@@ -178,6 +178,7 @@ pub struct GatewayBuilder {
     /// The client keys file's content, when clients must present keys.
     client_keys: Option<String>,
     args: Vec<String>,
+    envoy_first: bool,
 }
 
 impl Default for GatewayBuilder {
@@ -191,6 +192,7 @@ impl Default for GatewayBuilder {
             extproc_options: Vec::new(),
             client_keys: None,
             args: vec!["--log-level".into(), "trace".into()],
+            envoy_first: false,
         }
     }
 }
@@ -277,6 +279,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Starts Envoy a second before the processor (whose xDS it waits for).
+    pub fn envoy_first(mut self) -> Self {
+        self.envoy_first = true;
+        self
+    }
+
     pub async fn start(self) -> Gateway {
         let dir = tempfile::Builder::new()
             .prefix("aigw")
@@ -343,7 +351,7 @@ impl GatewayBuilder {
         let extproc_log = root.join("extproc.log");
         let mut extproc_args = vec!["--config".to_string(), config_path.display().to_string()];
         extproc_args.extend(self.args.iter().cloned());
-        let extproc = spawn_extproc(&root, &extproc_args);
+        let extproc = (!self.envoy_first).then(|| spawn_extproc(&root, &extproc_args));
 
         // The Envoy bootstrap comes from the real `envoy-config` command.
         let rendered = Command::new(extproc_bin())
@@ -373,12 +381,20 @@ impl GatewayBuilder {
             envoy_log: root.join("envoy.log"),
             config_path,
             key_files,
-            extproc: Some(extproc),
+            extproc,
             envoy: None,
+            processor_up: None,
             dir,
         };
+        if self.envoy_first {
+            gw.spawn_envoy(&envoy_yaml);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            gw.check_envoy_alive();
+            gw.restart_extproc();
+        }
         gw.admin_url = format!("http://{}", gw.wait_for_extproc_admin());
-        gw.start_envoy(&envoy_yaml).await;
+        gw.processor_up = Some(Instant::now());
+        gw.start_envoy_or_wait(&envoy_yaml).await;
         gw
     }
 }
@@ -399,6 +415,8 @@ pub struct Gateway {
     key_files: Vec<(String, PathBuf)>,
     extproc: Option<ChildGuard>,
     envoy: Option<ChildGuard>,
+    /// When the processor's admin port first answered.
+    pub processor_up: Option<Instant>,
     // Last: removed after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -517,7 +535,19 @@ impl Gateway {
         }
     }
 
+    async fn start_envoy_or_wait(&mut self, bootstrap: &Path) {
+        match self.envoy {
+            Some(_) => self.wait_for_envoy().await,
+            None => self.start_envoy(bootstrap).await,
+        }
+    }
+
     async fn start_envoy(&mut self, bootstrap: &Path) {
+        self.spawn_envoy(bootstrap);
+        self.wait_for_envoy().await;
+    }
+
+    fn spawn_envoy(&mut self, bootstrap: &Path) {
         let admin_path = self.dir().join("envoy-admin.addr");
         let mut cmd = Command::new(envoy_bin());
         cmd.arg("-c")
@@ -534,7 +564,12 @@ impl Gateway {
             .stdout(fs::File::create(&self.envoy_log).unwrap())
             .stderr(fs::File::create(self.dir().join("envoy.stderr")).unwrap());
         self.envoy = Some(ChildGuard::spawn("envoy", cmd));
+    }
 
+    /// Waits for Envoy to be ready (its listener came over xDS) and reads
+    /// its listener's port.
+    async fn wait_for_envoy(&mut self) {
+        let admin_path = self.dir().join("envoy-admin.addr");
         let client = client();
         let deadline = Instant::now() + Duration::from_secs(30);
         let admin = loop {
