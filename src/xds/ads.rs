@@ -54,8 +54,8 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let stream = AdsStream::new(Arc::clone(&self.served));
-        tokio::spawn(stream.run(request.into_inner(), tx, self.shutdown.clone()));
+        let (stream, updates) = AdsStream::new(Arc::clone(&self.served));
+        tokio::spawn(stream.run(request.into_inner(), updates, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -103,26 +103,27 @@ struct Sent {
 struct Closed;
 
 impl AdsStream {
-    fn new(served: Arc<ServedResources>) -> Self {
-        let (snapshot, _) = served.follow();
-        Self {
+    /// A stream, and the channel of the versions it follows.
+    fn new(served: Arc<ServedResources>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (snapshot, updates) = served.follow();
+        let stream = Self {
             served,
             snapshot,
             subscriptions: [None, None, None],
             last_nonce: 0,
             acked: 0,
             node: String::new(),
-        }
+        };
+        (stream, updates)
     }
 
     async fn run(
         mut self,
         mut inbound: Streaming<DiscoveryRequest>,
+        mut updates: watch::Receiver<Arc<Snapshot>>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
         stop: watch::Receiver<bool>,
     ) {
-        let (first, mut updates) = self.served.follow();
-        self.snapshot = first;
         self.served.metrics().xds_stream(1);
         let stopping = shutdown::requested(stop);
         tokio::pin!(stopping);
@@ -273,5 +274,195 @@ impl AdsStream {
             self.acked = self.snapshot.version;
             self.served.accepted(&self.snapshot, &self.node);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::xds::ResourceSet;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use std::path::Path;
+
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+    fn config(backends: &[&str]) -> Config {
+        let mut yaml = String::from("backends:\n");
+        for b in backends {
+            yaml.push_str(&format!(
+                "  - {{name: {b}, url: 'http://10.0.0.1:1', api_key_file: k}}\n"
+            ));
+        }
+        yaml.push_str(&format!(
+            "models: [{{name: '*', backend: {}}}]\n",
+            backends[0]
+        ));
+        Config::from_text(&yaml, Path::new("t.yaml")).unwrap()
+    }
+
+    fn served() -> Arc<ServedResources> {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        Arc::new(ServedResources::new(&config(&["a"]), None, metrics).unwrap())
+    }
+
+    fn request(type_url: &str, nonce: &str, names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.into(),
+            response_nonce: nonce.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn nack(type_url: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: "no".into(),
+                details: vec![],
+            }),
+            ..request(type_url, nonce, &[])
+        }
+    }
+
+    /// The responses a stream sent so far: (type, version, nonce, count).
+    fn sent(
+        rx: &mut mpsc::Receiver<Result<DiscoveryResponse, Status>>,
+    ) -> Vec<(String, String, String, usize)> {
+        let mut out = Vec::new();
+        while let Ok(Ok(r)) = rx.try_recv() {
+            let kind = r
+                .type_url
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            out.push((kind, r.version_info, r.nonce, r.resources.len()));
+        }
+        out
+    }
+
+    fn row(
+        kind: &str,
+        version: &str,
+        nonce: &str,
+        count: usize,
+    ) -> (String, String, String, usize) {
+        (kind.into(), version.into(), nonce.into(), count)
+    }
+
+    fn metric(served: &ServedResources, needle: &str) -> String {
+        let text = String::from_utf8(served.metrics().render()).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn first_requests_acks_and_stale_nonces() {
+        let served = served();
+        let (mut stream, _updates) = AdsStream::new(Arc::clone(&served));
+        let (tx, mut rx) = mpsc::channel(16);
+        // (request, what is sent in answer)
+        let table: Vec<(DiscoveryRequest, Vec<(String, String, String, usize)>)> = vec![
+            (request(CDS, "", &[]), vec![row("Cluster", "1", "1", 1)]),
+            (request(LDS, "", &[]), vec![row("Listener", "1", "2", 1)]),
+            // ACKs: nothing to send.
+            (request(CDS, "1", &[]), vec![]),
+            (request(LDS, "2", &[]), vec![]),
+            (
+                request(RDS, "", &["ai-gateway"]),
+                vec![row("RouteConfiguration", "1", "3", 1)],
+            ),
+            // A name nobody serves: an empty list, as the protocol says.
+            (
+                request(RDS, "3", &["other"]),
+                vec![row("RouteConfiguration", "1", "4", 0)],
+            ),
+            // Stale: answers nonce 3, 4 is out.
+            (request(RDS, "3", &["ai-gateway"]), vec![]),
+            (
+                request(RDS, "4", &["ai-gateway"]),
+                vec![row("RouteConfiguration", "1", "5", 1)],
+            ),
+            (request(RDS, "5", &["ai-gateway"]), vec![]),
+            // Not a kind served here.
+            (request("type.googleapis.com/envoy.Other", "", &[]), vec![]),
+        ];
+        for (i, (req, expected)) in table.into_iter().enumerate() {
+            assert!(stream.on_request(req, &tx).await.is_ok());
+            assert_eq!(sent(&mut rx), expected, "row {i}");
+        }
+        assert_eq!(stream.acked, 1);
+        assert!(metric(&served, "ai_gateway_xds_version{state=\"acked\"}").ends_with(" 1"));
+    }
+
+    #[tokio::test]
+    async fn a_change_sends_what_changed_and_a_nack_is_not_resent() {
+        let served = served();
+        let (mut stream, mut updates) = AdsStream::new(Arc::clone(&served));
+        let (tx, mut rx) = mpsc::channel(16);
+        for req in [
+            request(CDS, "", &[]),
+            request(LDS, "", &[]),
+            request(RDS, "", &["ai-gateway"]),
+            request(CDS, "1", &[]),
+            request(LDS, "2", &[]),
+            request(RDS, "3", &["ai-gateway"]),
+        ] {
+            assert!(stream.on_request(req, &tx).await.is_ok());
+        }
+        sent(&mut rx);
+
+        // A second backend: a cluster and a route, the listener unchanged.
+        let two = ResourceSet::render(&config(&["a", "b"]), None).unwrap();
+        assert_eq!(served.publish(two.clone()), Some(2));
+        assert_eq!(served.publish(two), None, "nothing new to serve");
+        assert!(updates.has_changed().unwrap());
+        let next = Arc::clone(&updates.borrow_and_update());
+        assert!(stream.on_snapshot(next, &tx).await.is_ok());
+        assert_eq!(
+            sent(&mut rx),
+            [
+                row("Cluster", "2", "4", 2),
+                row("RouteConfiguration", "2", "5", 1)
+            ]
+        );
+
+        // Envoy rejects the clusters, accepts the routes.
+        assert!(stream.on_request(nack(CDS, "4"), &tx).await.is_ok());
+        assert!(stream
+            .on_request(request(RDS, "5", &["ai-gateway"]), &tx)
+            .await
+            .is_ok());
+        assert_eq!(sent(&mut rx), [], "a rejected version is not sent again");
+        assert_eq!(stream.acked, 1, "not accepted whole");
+        assert!(metric(&served, "ai_gateway_xds_nacks_total").ends_with(" 1"));
+        // An Envoy connecting now starts from the version accepted.
+        let (fresh, _) = served.follow();
+        assert_eq!(fresh.version, 1);
+
+        // The next change is sent, and accepted.
+        let three = ResourceSet::render(&config(&["a", "c"]), None).unwrap();
+        assert_eq!(served.publish(three), Some(3));
+        let next = Arc::clone(&updates.borrow_and_update());
+        assert!(stream.on_snapshot(next, &tx).await.is_ok());
+        assert_eq!(
+            sent(&mut rx),
+            [
+                row("Cluster", "3", "6", 2),
+                row("RouteConfiguration", "3", "7", 1)
+            ]
+        );
+        for req in [request(CDS, "6", &[]), request(RDS, "7", &["ai-gateway"])] {
+            assert!(stream.on_request(req, &tx).await.is_ok());
+        }
+        assert_eq!(stream.acked, 3);
+        assert_eq!(served.follow().0.version, 3);
     }
 }

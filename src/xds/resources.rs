@@ -63,10 +63,20 @@ impl ResourceType {
 }
 
 /// One named resource.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
     pub body: Any,
+    /// What it was encoded from. Two renders of one resource are equal as
+    /// JSON but not always as bytes: protobuf maps (a `Struct`'s fields,
+    /// the access log's format) are encoded in hash order.
+    source: serde_json::Value,
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.source == other.source
+    }
 }
 
 /// Every resource Envoy gets for one configuration.
@@ -81,18 +91,19 @@ impl ResourceSet {
         let rendered = EnvoyResources::new(config, secret, RouteSource::Xds);
         let encoder = Encoder::new()?;
         let mut set = Self::default();
-        let mut add = |ty: ResourceType, json: &serde_json::Value| -> Result<(), EncodeError> {
+        let mut add = |ty: ResourceType, json: serde_json::Value| -> Result<(), EncodeError> {
             set.by_type[ty.index()].push(Resource {
                 name: json["name"].as_str().unwrap_or_default().to_string(),
-                body: encoder.encode(ty.message(), json)?,
+                body: encoder.encode(ty.message(), &json)?,
+                source: json,
             });
             Ok(())
         };
-        for cluster in &rendered.clusters {
+        for cluster in rendered.clusters {
             add(ResourceType::Cluster, cluster)?;
         }
-        add(ResourceType::Listener, &rendered.listener)?;
-        add(ResourceType::RouteConfiguration, &rendered.route_config)?;
+        add(ResourceType::Listener, rendered.listener)?;
+        add(ResourceType::RouteConfiguration, rendered.route_config)?;
         Ok(set)
     }
 

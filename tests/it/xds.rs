@@ -385,3 +385,32 @@ async fn xds_on_tcp_needs_the_secret() {
     assert_eq!(answer.resources.len(), 1);
     assert_eq!(answer.version_info, "1");
 }
+
+/// `envoy-config --static` keeps today's bootstrap: everything inline, no
+/// xDS stream; an edit to Envoy's part is logged as needing a new render.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_static_bootstrap_serves_without_xds() {
+    let a = FakeUpstream::start("a").await;
+    let b = FakeUpstream::start("b").await;
+    let gw = Gateway::builder()
+        .backend("a", &a.url(), Some("key-a"))
+        .model("m", "a")
+        .static_bootstrap()
+        .start()
+        .await;
+    assert_eq!(
+        chat_reply(&gw, "m").await.header("x-fake-upstream"),
+        Some("a")
+    );
+    assert_eq!(gw.metric("ai_gateway_xds_streams").await, Some(0.0));
+    let bootstrap = fs::read_to_string(gw.dir().join("envoy.yaml")).unwrap();
+    assert!(!bootstrap.contains("ads_config"), "{bootstrap}");
+
+    edit_config(&gw, |yaml| yaml.replace(&a.url(), &b.url()));
+    gw.wait_for_log(&["no Envoy follows over xDS"]);
+    // Envoy still sends to the old upstream: its bootstrap says so.
+    assert_eq!(
+        chat_reply(&gw, "m").await.header("x-fake-upstream"),
+        Some("a")
+    );
+}

@@ -179,6 +179,7 @@ pub struct GatewayBuilder {
     client_keys: Option<String>,
     args: Vec<String>,
     envoy_first: bool,
+    static_bootstrap: bool,
 }
 
 impl Default for GatewayBuilder {
@@ -193,6 +194,7 @@ impl Default for GatewayBuilder {
             client_keys: None,
             args: vec!["--log-level".into(), "trace".into()],
             envoy_first: false,
+            static_bootstrap: false,
         }
     }
 }
@@ -285,6 +287,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Envoy on the fully static bootstrap (`envoy-config --static`).
+    pub fn static_bootstrap(mut self) -> Self {
+        self.static_bootstrap = true;
+        self
+    }
+
     pub async fn start(self) -> Gateway {
         let dir = tempfile::Builder::new()
             .prefix("aigw")
@@ -357,6 +365,7 @@ impl GatewayBuilder {
         let rendered = Command::new(extproc_bin())
             .args(["envoy-config", "--config"])
             .arg(&config_path)
+            .args(self.static_bootstrap.then_some("--static"))
             .output()
             .expect("run envoy-config");
         assert!(
@@ -384,6 +393,7 @@ impl GatewayBuilder {
             extproc,
             envoy: None,
             processor_up: None,
+            extproc_starts: 0,
             dir,
         };
         if self.envoy_first {
@@ -391,9 +401,10 @@ impl GatewayBuilder {
             tokio::time::sleep(Duration::from_secs(1)).await;
             gw.check_envoy_alive();
             gw.restart_extproc();
+        } else {
+            gw.admin_url = format!("http://{}", gw.wait_for_extproc_admin());
+            gw.processor_up = Some(Instant::now());
         }
-        gw.admin_url = format!("http://{}", gw.wait_for_extproc_admin());
-        gw.processor_up = Some(Instant::now());
         gw.start_envoy_or_wait(&envoy_yaml).await;
         gw
     }
@@ -415,8 +426,10 @@ pub struct Gateway {
     key_files: Vec<(String, PathBuf)>,
     extproc: Option<ChildGuard>,
     envoy: Option<ChildGuard>,
-    /// When the processor's admin port first answered.
+    /// When the processor (the latest one started) logged its start.
     pub processor_up: Option<Instant>,
+    /// Processor starts seen in its log.
+    extproc_starts: usize,
     // Last: removed after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -507,14 +520,22 @@ impl Gateway {
     }
 
     /// Waits for the start log line and returns the admin address it names.
+    /// The admin address the processor's start line names (the latest
+    /// start's, after a restart).
     fn wait_for_extproc_admin(&mut self) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let logs = self.extproc_logs();
+            let starts = logs
+                .lines()
+                .filter(|l| l.contains("ai-gateway-extproc started"))
+                .count();
             if let Some(line) = logs
                 .lines()
-                .find(|l| l.contains("ai-gateway-extproc started"))
+                .filter(|l| l.contains("ai-gateway-extproc started"))
+                .nth(self.extproc_starts)
             {
+                self.extproc_starts = starts;
                 let addr = match serde_json::from_str::<serde_json::Value>(line) {
                     Ok(json) => json["admin"].as_str().map(str::to_owned),
                     Err(_) => line
@@ -633,9 +654,12 @@ impl Gateway {
         self.extproc = None;
     }
 
-    /// Starts the extproc again, as before; Envoy is not touched.
+    /// Starts the extproc again, as before, and waits for it to be up
+    /// (its admin address is new); Envoy is not touched.
     pub fn restart_extproc(&mut self) {
         self.extproc = Some(spawn_extproc(self.dir.path(), &self.extproc_args));
+        self.admin_url = format!("http://{}", self.wait_for_extproc_admin());
+        self.processor_up = Some(Instant::now());
     }
 
     /// POSTs `body` (raw bytes) to `path` with JSON content type.
