@@ -329,10 +329,11 @@ mod tests {
         }
     }
 
-    /// The responses a stream sent so far: (type, version, nonce, count).
-    fn sent(
-        rx: &mut mpsc::Receiver<Result<DiscoveryResponse, Status>>,
-    ) -> Vec<(String, String, String, usize)> {
+    /// A response as the tests see it: (kind, version, nonce, resources).
+    type Row = (String, String, String, usize);
+
+    /// The responses a stream sent so far.
+    fn sent(rx: &mut mpsc::Receiver<Result<DiscoveryResponse, Status>>) -> Vec<Row> {
         let mut out = Vec::new();
         while let Ok(Ok(r)) = rx.try_recv() {
             let kind = r
@@ -346,12 +347,7 @@ mod tests {
         out
     }
 
-    fn row(
-        kind: &str,
-        version: &str,
-        nonce: &str,
-        count: usize,
-    ) -> (String, String, String, usize) {
+    fn row(kind: &str, version: &str, nonce: &str, count: usize) -> Row {
         (kind.into(), version.into(), nonce.into(), count)
     }
 
@@ -369,7 +365,7 @@ mod tests {
         let (mut stream, _updates) = AdsStream::new(Arc::clone(&served));
         let (tx, mut rx) = mpsc::channel(16);
         // (request, what is sent in answer)
-        let table: Vec<(DiscoveryRequest, Vec<(String, String, String, usize)>)> = vec![
+        let table: Vec<(DiscoveryRequest, Vec<Row>)> = vec![
             (request(CDS, "", &[]), vec![row("Cluster", "1", "1", 1)]),
             (request(LDS, "", &[]), vec![row("Listener", "1", "2", 1)]),
             // ACKs: nothing to send.
