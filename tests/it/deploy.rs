@@ -59,20 +59,36 @@ fn shipped_bootstraps_are_what_envoy_config_renders_and_envoy_accepts() {
              target/debug/ai-gateway-extproc envoy-config --config {config} > {bootstrap} (after cargo build)"
         );
     }
-    for bootstrap in [
-        "envoy/envoy.yaml",
-        "deploy/compose/envoy.yaml",
-        "deploy/kubernetes/envoy.yaml",
-    ] {
+    // The shipped (dynamic) bootstraps, and the same configs rendered
+    // static: everything Envoy gets over xDS, inline, so Envoy checks the
+    // resources themselves too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut to_validate: Vec<PathBuf> = BOOTSTRAPS
+        .iter()
+        .map(|(_, bootstrap)| repo_root().join(bootstrap))
+        .collect();
+    for (i, (config, _)) in BOOTSTRAPS.iter().enumerate() {
+        let out = Command::new(extproc_bin())
+            .args(["envoy-config", "--static", "--config", config])
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{config}: {}", output_text(&out));
+        let path = dir.path().join(format!("static-{i}.yaml"));
+        std::fs::write(&path, &out.stdout).unwrap();
+        to_validate.push(path);
+    }
+    for bootstrap in to_validate {
         let out = Command::new(envoy_bin())
             .args(["--mode", "validate", "-c"])
-            .arg(repo_root().join(bootstrap))
+            .arg(&bootstrap)
             .output()
             .unwrap();
         let all = output_text(&out);
         assert!(
             out.status.success() && all.contains("OK"),
-            "{bootstrap}: {all}"
+            "{}: {all}",
+            bootstrap.display()
         );
     }
 }
