@@ -256,7 +256,11 @@ models:
 
 
 def render(cfg):
-    out = subprocess.run([str(EXTPROC), "envoy-config", "--config", str(cfg)], check=True, capture_output=True, text=True)
+    # The static bootstrap: the same resources the processor serves over xDS,
+    # inline, so the variants below can edit them and the null processor
+    # (which serves no xDS) gets the same listener, routes and clusters.
+    out = subprocess.run([str(EXTPROC), "envoy-config", "--static", "--config", str(cfg)], check=True,
+                         capture_output=True, text=True)
     return yaml.safe_load(out.stdout)
 
 
@@ -400,9 +404,9 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib(pid):
+def peak_rss_mib(pid, field="VmHWM"):
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -520,6 +524,56 @@ def key_reload_rows(url, key):
         rows.append((f"key reload ({layout}): file change → first request with the new key (20 rotations)", "",
                      f"p50 {r50:.1f} ms, max {rmax:.1f} ms", "", "p50 ≤ 100 ms, max ≤ 1 s"))
     return rows
+
+
+def xds_rows(procs, workdir, up):
+    """Config edit → Envoy serving it, over xDS with the dynamic bootstrap:
+    each edit adds a backend (a new cluster and route) and a model for it;
+    timed from the config file's rename to the first answer for that model
+    (before it, the processor answers 404 `model_not_found`, or Envoy has
+    no route or cluster yet)."""
+    cfg, _ = gateway_config(workdir, up, "uds", name="xds")
+    ext = start_extproc(procs, cfg, "xds")
+    bootstrap = workdir / "envoy-xds.yaml"
+    out = subprocess.run([str(EXTPROC), "envoy-config", "--config", str(cfg)], check=True, capture_output=True,
+                         text=True)
+    bootstrap.write_text(out.stdout)
+    procs.start("envoy-xds", [str(ENVOY), "-c", str(bootstrap), "--concurrency", "1", "--disable-hot-restart",
+                              "--log-level", "error"])
+    listen = yaml.safe_load(cfg.read_text())["envoy"]["listen"]
+    url = f"http://{listen}"
+    wait_http(url + "/v1/chat/completions", method="POST", body=CHAT, headers={"content-type": "application/json"})
+    key = workdir / "keys-xds" / "apiKey"
+    host, port = listen.split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    samples = []
+    for i in range(1, 21):
+        text = cfg.read_text()
+        text = text.replace("backends:\n", f'backends:\n  - {{name: added-{i}, url: "http://127.0.0.1:{up}", '
+                                           f'api_key_file: "{key}"}}\n', 1)
+        text = text.replace("models:\n", f'models:\n  - {{name: "m-{i}", backend: added-{i}}}\n', 1)
+        tmp = cfg.with_suffix(".tmp")
+        tmp.write_text(text)
+        body = CHAT.replace('"gpt-4o-mini"', f'"m-{i}"')
+        t0 = time.perf_counter()
+        os.rename(tmp, cfg)
+        while True:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.status == 200:
+                break
+            if time.perf_counter() - t0 > 10:
+                raise SystemExit(f"bench: model m-{i} not served 10 s after the edit (last status {r.status})")
+        samples.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.2)
+    conn.close()
+    return [
+        ("config edit adding a backend and a model → first answer for it, over xDS (20 edits)", "",
+         f"p50 {statistics.median(samples):.0f} ms, max {max(samples):.0f} ms", "", "≤ 1 s"),
+        ("processor RSS after the 20 edits (each encodes Envoy's resources; peak in parentheses)", "",
+         f"{peak_rss_mib(ext.pid, 'VmRSS'):.1f} MiB ({peak_rss_mib(ext.pid):.1f})", "", ""),
+    ]
 
 
 def concurrent_streams_rss(procs, workdir, streams):
@@ -861,11 +915,12 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams"],
+    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds"],
                     default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
-                         "bodies: only the body-size rows; streams: only the concurrent-stream memory rows")
+                         "bodies: only the body-size rows; streams: only the concurrent-stream memory rows; "
+                         "xds: only the config-edit-to-Envoy rows (dynamic bootstrap)")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -903,6 +958,9 @@ def main():
             raise _Done
         if a.only == "http2":
             rows += http2_rows(procs, workdir, a, alternate)
+            raise _Done
+        if a.only == "xds":
+            rows += xds_rows(procs, workdir, up)
             raise _Done
         if a.only == "keys":
             cfg, key = gateway_config(workdir, up, "uds", name="keys")
@@ -1017,7 +1075,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys", "http2", "bodies", "streams"):
+    elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"

@@ -11,7 +11,8 @@
 //!
 //! The descriptor pool takes a few megabytes and a few milliseconds to
 //! build; it is built per encoding (a config change) and dropped after,
-//! rather than held for the life of the process.
+//! rather than held for the life of the process, and the memory it used is
+//! handed back (measured: an idle processor held 6 MiB more without).
 
 use envoy_types::pb::google::protobuf::Any;
 use prost_reflect::{DescriptorPool, DynamicMessage};
@@ -65,6 +66,18 @@ impl Encoder {
             type_url: format!("{TYPE_URL_PREFIX}{message}"),
             value: prost::Message::encode_to_vec(&dynamic),
         })
+    }
+}
+
+/// Hands memory freed on the heap back to the system. glibc keeps what a
+/// dropped pool freed in its arenas, where an idle processor would hold it
+/// for good; other allocators return it themselves.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the system; it
+    // may be called at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

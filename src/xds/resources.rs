@@ -3,7 +3,7 @@
 
 use envoy_types::pb::google::protobuf::Any;
 
-use super::encode::{EncodeError, Encoder};
+use super::encode::{release_freed_memory, EncodeError, Encoder};
 use crate::config::Config;
 use crate::envoy_config::{EnvoyResources, RouteSource};
 
@@ -104,6 +104,8 @@ impl ResourceSet {
         }
         add(ResourceType::Listener, rendered.listener)?;
         add(ResourceType::RouteConfiguration, rendered.route_config)?;
+        drop(encoder);
+        release_freed_memory();
         Ok(set)
     }
 
