@@ -12,6 +12,10 @@
 //!   from the old file until the new one can be read (a typo in
 //!   `api_key_file` must not drop a working key).
 //!
+//! - a backend a config reload removes keeps its key for
+//!   [`RETIRED_KEY_GRACE`]: a request routed to it by the old config just
+//!   before the reload still gets it.
+//!
 //! Either way the key in force may be stale, so it is made visible: the
 //! error is logged when it starts and again every [`STALE_LOG_INTERVAL`]
 //! while it lasts, and the metrics carry each backend's key age, failed
@@ -35,6 +39,11 @@ use crate::watch::{FileWatcher, TRANSIENT_RECHECK};
 
 /// Key files are a few dozen bytes; anything this large is a wrong path.
 const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
+
+/// How long a backend removed from the config keeps its key. A request
+/// picks its snapshot at its headers and its key at its body: longer than
+/// any request waits between the two.
+pub const RETIRED_KEY_GRACE: Duration = Duration::from_secs(30);
 
 /// While a key file cannot be read, its error is logged again this often.
 pub const STALE_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -213,6 +222,8 @@ pub struct ProviderKeyWatcher {
     poll_interval: Duration,
     metrics: Arc<Metrics>,
     backends: HashMap<String, BackendKey>,
+    /// Backends the config no longer has, whose keys stay until then.
+    retiring: HashMap<String, Instant>,
 }
 
 impl ProviderKeyWatcher {
@@ -230,6 +241,7 @@ impl ProviderKeyWatcher {
             poll_interval,
             metrics,
             backends: HashMap::new(),
+            retiring: HashMap::new(),
         };
         (watcher, KeySourcesHandle { tx })
     }
@@ -247,19 +259,35 @@ impl ProviderKeyWatcher {
                 self.poll_interval,
             );
             loop {
+                let retire_at = self.retiring.values().min().copied();
                 tokio::select! {
                     _ = files.changed() => self.reload().await,
                     update = self.updates.recv() => {
                         let Some(update) = update else { return };
+                        self.retire_missing(&update.sources);
                         self.sources = update.sources;
                         self.reload().await;
                         let _ = update.done.send(());
                         break;
                     }
+                    _ = sleep_until_some(retire_at) => self.reload().await,
                     _ = shutdown.changed() => return,
                 }
             }
         }
+    }
+
+    /// Backends with a key that `sources` no longer lists start their
+    /// grace; listed ones end it.
+    fn retire_missing(&mut self, sources: &[KeySource]) {
+        let until = Instant::now() + RETIRED_KEY_GRACE;
+        for backend in self.backends.keys() {
+            if !sources.iter().any(|s| &s.backend == backend) {
+                self.retiring.entry(backend.clone()).or_insert(until);
+            }
+        }
+        self.retiring
+            .retain(|backend, _| !sources.iter().any(|s| &s.backend == backend));
     }
 
     /// Re-reads every file (all at once: a slow file delays no other) and
@@ -274,9 +302,12 @@ impl ProviderKeyWatcher {
             files.into_iter().zip(results).collect();
 
         let before = self.backends.len();
-        let sources = &self.sources;
-        self.backends
-            .retain(|backend, _| sources.iter().any(|s| &s.backend == backend));
+        let now = Instant::now();
+        self.retiring.retain(|_, until| *until > now);
+        let (sources, retiring) = (&self.sources, &self.retiring);
+        self.backends.retain(|backend, _| {
+            sources.iter().any(|s| &s.backend == backend) || retiring.contains_key(backend)
+        });
         let mut changed = self.backends.len() != before;
         let sources = std::mem::take(&mut self.sources);
         for source in &sources {
@@ -372,6 +403,14 @@ impl ProviderKeyWatcher {
                 false
             }
         }
+    }
+}
+
+/// Resolves at `at`, or never.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -506,6 +545,40 @@ mod tests {
         w.sources = Vec::new();
         w.reload().await;
         assert!(!keys.has("tars"));
+    }
+
+    /// A config reload that drops a backend: its key stays for the
+    /// requests the old config routed there, then goes; a backend added
+    /// back in the meantime keeps it for good.
+    #[tokio::test]
+    async fn a_removed_backend_keeps_its_key_for_a_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("apiKey");
+        std::fs::write(&file, "sk-one\n").unwrap();
+        let sources = sources_of([("tars", file.as_path())]);
+        let (mut w, keys) = watcher(sources.clone());
+        w.load_now().await;
+
+        w.retire_missing(&[]);
+        w.sources = Vec::new();
+        w.reload().await;
+        assert!(keys.has("tars"), "dropped at once");
+        let until = w.retiring["tars"];
+        assert!(until > Instant::now() + RETIRED_KEY_GRACE - Duration::from_secs(1));
+
+        // Back in the config before the grace ended: no longer retiring.
+        w.retire_missing(&sources);
+        w.sources = sources;
+        w.reload().await;
+        assert!(w.retiring.is_empty() && keys.has("tars"));
+
+        // Dropped again, and the grace over.
+        w.retire_missing(&[]);
+        w.sources = Vec::new();
+        w.retiring.insert("tars".into(), Instant::now());
+        w.reload().await;
+        assert!(!keys.has("tars"));
+        assert!(w.retiring.is_empty());
     }
 
     #[tokio::test]

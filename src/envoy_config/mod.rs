@@ -108,6 +108,13 @@ impl EnvoyResources {
             clusters.push(clusters::chain(config, chain, secret));
             route_list.push(routes::chain(config, chain));
         }
+        // In name order, whatever the config's order: the same backends
+        // render the same resources, so a reload that only reorders (or
+        // a change that keeps a removed backend a moment longer) is no
+        // change to Envoy. The routes match distinct header values, so
+        // their order means nothing but the catch-all's, last.
+        clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        route_list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         route_list.push(routes::unrouted());
         let route_config = json!({
             "name": ROUTE_CONFIG_NAME,

@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::{Resource, ResourceType, Snapshot};
-use super::served::ServedResources;
+use super::served::{Following, ServedResources};
 use crate::shutdown;
 
 /// Responses queued per stream: Envoy reads them as they come; a change
@@ -74,6 +74,7 @@ impl AggregatedDiscoveryService for AdsService {
 /// One Envoy's stream.
 struct AdsStream {
     served: Arc<ServedResources>,
+    following: Following,
     /// The version this stream serves now.
     snapshot: Arc<Snapshot>,
     subscriptions: [Option<Subscription>; 3],
@@ -107,6 +108,7 @@ impl AdsStream {
     fn new(served: Arc<ServedResources>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (snapshot, updates) = served.follow();
         let stream = Self {
+            following: served.follower(),
             served,
             snapshot,
             subscriptions: [None, None, None],
@@ -124,7 +126,6 @@ impl AdsStream {
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
         stop: watch::Receiver<bool>,
     ) {
-        self.served.metrics().xds_stream(1);
         let stopping = shutdown::requested(stop);
         tokio::pin!(stopping);
         loop {
@@ -155,7 +156,6 @@ impl AdsStream {
                 break;
             }
         }
-        self.served.metrics().xds_stream(-1);
         if !self.node.is_empty() {
             tracing::info!(node = %self.node, "Envoy stopped following the configuration over xDS");
         }
@@ -258,10 +258,19 @@ impl AdsStream {
         tx.send(Ok(response)).await.map_err(|_| Closed)
     }
 
-    /// Once Envoy accepted every kind of the version served (all three:
+    /// Once Envoy answered everything it was sent, it has answered the
+    /// version served; once it accepted every kind of it (all three:
     /// routes are asked for once the listener arrived), it runs that
     /// version whole.
     fn check_accepted(&mut self) {
+        let pending = self
+            .subscriptions
+            .iter()
+            .flatten()
+            .any(|s| s.sent.as_ref().is_some_and(|s| s.accepted.is_none()));
+        if !pending && self.subscriptions.iter().any(Option::is_some) {
+            self.following.answered(self.snapshot.version);
+        }
         if self.acked == self.snapshot.version {
             return;
         }
@@ -430,6 +439,10 @@ mod tests {
             ]
         );
 
+        // Not answered yet: a reload waiting on it would wait.
+        let patience = std::time::Duration::from_millis(10);
+        assert!(!served.answered(2, patience).await);
+
         // Envoy rejects the clusters, accepts the routes.
         assert!(stream.on_request(nack(CDS, "4"), &tx).await.is_ok());
         assert!(stream
@@ -437,6 +450,10 @@ mod tests {
             .await
             .is_ok());
         assert_eq!(sent(&mut rx), [], "a rejected version is not sent again");
+        assert!(
+            served.answered(2, patience).await,
+            "a rejection is an answer"
+        );
         assert_eq!(stream.acked, 1, "not accepted whole");
         assert!(metric(&served, "ai_gateway_xds_nacks_total").ends_with(" 1"));
         // An Envoy connecting now starts from the version accepted.
@@ -460,5 +477,9 @@ mod tests {
         }
         assert_eq!(stream.acked, 3);
         assert_eq!(served.follow().0.version, 3);
+        assert_eq!(served.followers(), 1);
+        drop(stream);
+        assert_eq!(served.followers(), 0, "a stream gone no longer counts");
+        assert!(served.answered(4, patience).await, "nobody to wait for");
     }
 }

@@ -7,11 +7,13 @@
 //! that connects later (it would start with nothing): that one gets the
 //! last version an Envoy accepted, until a newer config comes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::encode::EncodeError;
 use super::resources::{ResourceSet, ResourceType, Snapshot};
@@ -33,6 +35,37 @@ pub struct ServedResources {
     /// carries; kept to render with, and to keep it out of log lines.
     secret: Option<String>,
     metrics: Arc<Metrics>,
+    /// The newest version each following Envoy has answered (accepted or
+    /// rejected), by stream; a short lock, never held across an await.
+    answered: Mutex<HashMap<u64, u64>>,
+    answers: Notify,
+    next_stream: AtomicU64,
+}
+
+/// A stream's place among the followers; leaving it (the stream ended, or
+/// its task was dropped) takes the stream out.
+pub(super) struct Following {
+    served: Arc<ServedResources>,
+    id: u64,
+}
+
+impl Following {
+    /// This Envoy answered everything it was sent of `version`.
+    pub(super) fn answered(&self, version: u64) {
+        self.served.answered_by(self.id, version);
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.served.metrics.xds_stream(-1);
+        self.served
+            .answered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        self.served.answers.notify_waiters();
+    }
 }
 
 impl ServedResources {
@@ -53,6 +86,9 @@ impl ServedResources {
             rejected: AtomicU64::new(0),
             secret,
             metrics,
+            answered: Mutex::new(HashMap::new()),
+            answers: Notify::new(),
+            next_stream: AtomicU64::new(1),
         })
     }
 
@@ -89,7 +125,60 @@ impl ServedResources {
 
     /// Envoys following now.
     pub fn followers(&self) -> usize {
-        self.latest.receiver_count()
+        self.answered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Waits until every following Envoy answered `version` (accepted or
+    /// rejected it), at most `patience`; false if one did not. A config
+    /// change reaches Envoy before the processor routes by it, so a model
+    /// moved to a new backend never meets an Envoy without its cluster.
+    pub async fn answered(&self, version: u64, patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.answers.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let all = self
+                .answered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .all(|v| *v >= version);
+            if all {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// A stream starts following.
+    pub(super) fn follower(self: &Arc<Self>) -> Following {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.answered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, 0);
+        self.metrics.xds_stream(1);
+        Following {
+            served: Arc::clone(self),
+            id,
+        }
+    }
+
+    fn answered_by(&self, stream: u64, version: u64) {
+        let mut answered = self.answered.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = answered.get_mut(&stream) {
+            if *v < version {
+                *v = version;
+                drop(answered);
+                self.answers.notify_waiters();
+            }
+        }
     }
 
     /// What a stream starting now serves first, and the channel of the
@@ -147,6 +236,7 @@ impl ServedResources {
         text
     }
 
+    #[cfg(test)]
     pub(super) fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -414,3 +414,101 @@ async fn the_static_bootstrap_serves_without_xds() {
         Some("a")
     );
 }
+
+/// A model moved to a backend the same edit adds, then back to the first
+/// one by an edit that removes the second: requests sent all along never
+/// fail. Envoy gets a new backend's cluster and route before the processor
+/// routes to it, and loses an old one only after the processor stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_moved_between_backends_never_fails_during_the_changes() {
+    let a = FakeUpstream::start("a").await;
+    let b = FakeUpstream::start("b").await;
+    let gw = Gateway::builder()
+        .backend("a", &a.url(), Some("key-a"))
+        .model("m", "a")
+        .start()
+        .await;
+    until_envoy_applied(&gw, 1.0).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let (url, stop) = (gw.url.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let client = client();
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(chat("m").to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = reply.status().as_u16();
+                let upstream = reply
+                    .headers()
+                    .get("x-fake-upstream")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body = reply.text().await.unwrap();
+                answers.push((status, upstream, body));
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let key = key_file(&gw, "b", "key-b");
+    edit_config(&gw, |yaml| {
+        let line = format!("{{name: b, url: {:?}, api_key_file: {key:?}}}", b.url());
+        with_backend(yaml, &line).replace(
+            r#"{name: "m", backend: "a"}"#,
+            r#"{name: "m", backend: "b"}"#,
+        )
+    });
+    until_envoy_applied(&gw, 2.0).await;
+    until_served_by(&gw, "m", "b").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Back to a, and b removed: Envoy keeps b until the processor routes
+    // to a, then drops it (version 3).
+    edit_config(&gw, |yaml| {
+        yaml.lines()
+            .filter(|l| !l.contains("name: b,"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace(
+                r#"{name: "m", backend: "b"}"#,
+                r#"{name: "m", backend: "a"}"#,
+            )
+    });
+    until_envoy_applied(&gw, 3.0).await;
+    assert_eq!(envoy_clusters(&gw).await, ["a"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for sender in senders {
+        answers.extend(sender.await.unwrap());
+    }
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(status, ..)| *status != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let on = |name: &str| {
+        answers
+            .iter()
+            .filter(|(_, u, _)| u.as_deref() == Some(name))
+            .count()
+    };
+    assert!(on("a") > 0 && on("b") > 0, "a: {}, b: {}", on("a"), on("b"));
+    eprintln!(
+        "{} requests across the change: {} on a, {} on b",
+        answers.len(),
+        on("a"),
+        on("b")
+    );
+}
