@@ -12,14 +12,14 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir -p src examples tests/support \
+RUN mkdir -p src examples \
  && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
  && echo 'fn main() {}' > examples/fake_upstream.rs \
  && cargo build --release --locked --bin ai-gateway-extproc \
  && rm -rf src examples
 COPY src ./src
 COPY examples ./examples
-COPY tests/support ./tests/support
+COPY tests/it/support ./tests/it/support
 ARG AI_GATEWAY_GIT_REV=unknown
 ENV AI_GATEWAY_GIT_REV=${AI_GATEWAY_GIT_REV}
 # `touch` makes cargo see the real sources as newer than the stub build.

@@ -314,7 +314,7 @@ impl Metrics {
                 let g = IntGaugeVec::new(
                     Opts::new(
                         "ai_gateway_xds_version",
-                        "The xDS version of Envoy's resources: served (the newest the processor offers) and acked (the newest every connected Envoy accepted whole).",
+                        "The xDS version of Envoy's resources: served (the newest the processor offers) and acked (the newest an Envoy accepted whole).",
                     ),
                     &["state"],
                 )?;

@@ -561,3 +561,39 @@ fn output_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// No Docker engine here, so the Dockerfile is checked offline: every file
+/// it copies from the repository exists (the fake provider's source moved
+/// once and the Dockerfile kept the old path), and the example it builds
+/// finds the source it includes.
+#[test]
+fn the_dockerfile_copies_what_the_repository_has() {
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let mut copied = Vec::new();
+    for line in dockerfile.lines().map(str::trim) {
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if args.starts_with("--from") {
+            continue;
+        }
+        let words: Vec<&str> = args.split_whitespace().collect();
+        for source in &words[..words.len() - 1] {
+            assert!(
+                repo_root().join(source).exists(),
+                "Dockerfile copies {source}, which the repository does not have"
+            );
+            copied.push(source.to_string());
+        }
+    }
+    let example = std::fs::read_to_string(repo_root().join("examples/fake_upstream.rs")).unwrap();
+    let included = example
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("#[path = \"../"))
+        .and_then(|rest| rest.strip_suffix("\"]"))
+        .expect("examples/fake_upstream.rs includes the fake by #[path]");
+    assert!(
+        copied.iter().any(|c| included.starts_with(c.as_str())),
+        "the image builds examples/fake_upstream.rs, which includes {included}: not copied ({copied:?})"
+    );
+}
