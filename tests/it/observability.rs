@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{chat, client, metric, rename_key, Canned, FakeUpstream, Gateway};
+use crate::support::{chat, metric, rename_key, Canned, FakeUpstream, Gateway};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
@@ -249,14 +249,7 @@ async fn sigterm_lets_an_open_stream_finish() {
     let mut gw = Gateway::catch_all(&up, Some("k")).await;
     let gate = up.hold_streams_after_first_event();
 
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("content-type", "application/json")
-        .body(streamed("gpt-4o-mini").to_string())
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
+    let mut body = std::pin::pin!(gw.open_stream(&streamed("gpt-4o-mini"), &[]).await);
     let first = body.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
 
@@ -296,15 +289,10 @@ async fn client_leaving_mid_stream_is_logged_as_cancelled() {
     let gw = Gateway::catch_all(&up, Some("k")).await;
     let _gate = up.hold_streams_after_first_event();
 
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("content-type", "application/json")
-        .header("x-request-id", "req-leaves")
-        .body(streamed("gpt-4o-mini").to_string())
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
+    let mut body = Box::pin(
+        gw.open_stream(&streamed("gpt-4o-mini"), &[("x-request-id", "req-leaves")])
+            .await,
+    );
     body.next().await.unwrap().unwrap();
     drop(body); // the client goes away with the stream open
 

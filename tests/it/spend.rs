@@ -517,16 +517,11 @@ async fn a_stream_left_midway_keeps_its_reservation() {
     let mut body = with_max_tokens(1000);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {TEAM_A}"))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut stream = resp.bytes_stream();
+    let auth = format!("Bearer {TEAM_A}");
+    let mut stream = Box::pin(
+        gw.open_stream(&body, &[("authorization", auth.as_str())])
+            .await,
+    );
     use tokio_stream::StreamExt;
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());

@@ -231,15 +231,7 @@ async fn a_stream_in_flight_during_a_change_completes() {
     let gate = a.hold_streams_after_first_event();
     let mut body = chat("m");
     body["stream"] = json!(true);
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut stream = resp.bytes_stream();
+    let mut stream = std::pin::pin!(gw.open_stream(&body, &[]).await);
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
 

@@ -693,6 +693,25 @@ impl Gateway {
         Reply::read(resp).await
     }
 
+    /// Posts a streamed chat completion and returns its open event stream
+    /// (answered 200), for tests that act while it runs.
+    pub async fn open_stream(
+        &self,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> impl futures_util::Stream<Item = reqwest::Result<hyper::body::Bytes>> {
+        let mut req = client()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request to Envoy failed");
+        assert_eq!(resp.status(), 200, "the stream was not answered 200");
+        resp.bytes_stream()
+    }
+
     /// GET on the extproc's admin server.
     pub async fn admin_get(&self, path: &str) -> Reply {
         let resp = client()
