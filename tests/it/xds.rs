@@ -10,15 +10,25 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use tonic::metadata::MetadataValue;
 
 use crate::support::extproc_client::tcp_channel;
-use crate::support::{chat, client, rename_key, FakeUpstream, Gateway, Reply, EXTPROC_SECRET};
+use crate::support::{
+    chat, client, rename_key, FakeUpstream, Gateway, GatewayBuilder, Reply, EXTPROC_SECRET,
+};
 
 /// How long a change may take before a test gives up. The time a change
 /// actually takes is printed, and measured in `bench/RESULTS.md`.
 const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A gateway with one backend, `a` (key `key-a`) at `upstream`, serving
+/// `model`.
+fn one_backend(upstream: &FakeUpstream, model: &str) -> GatewayBuilder {
+    Gateway::builder()
+        .backend("a", &upstream.url(), Some("key-a"))
+        .model(model, "a")
+}
 
 /// Rewrites the running config file atomically.
 fn edit_config(gw: &Gateway, edit: impl FnOnce(String) -> String) {
@@ -104,17 +114,9 @@ async fn until_envoy_applied(gw: &Gateway, version: f64) {
 
 /// The clusters Envoy got over xDS, from its `/config_dump`.
 async fn envoy_clusters(gw: &Gateway) -> Vec<String> {
-    let dump: Value = client()
-        .get(format!(
-            "{}/config_dump?resource=dynamic_active_clusters",
-            gw.envoy_admin_url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dump = gw
+        .envoy_admin_json("/config_dump?resource=dynamic_active_clusters")
+        .await;
     dump["configs"]
         .as_array()
         .into_iter()
@@ -127,11 +129,7 @@ async fn envoy_clusters(gw: &Gateway) -> Vec<String> {
 async fn a_backend_and_model_added_to_the_running_config_are_served() {
     let a = FakeUpstream::start("a").await;
     let b = FakeUpstream::start("b").await;
-    let gw = Gateway::builder()
-        .backend("a", &a.url(), Some("key-a"))
-        .model("m-a", "a")
-        .start()
-        .await;
+    let gw = one_backend(&a, "m-a").start().await;
     assert_eq!(chat_reply(&gw, "m-a").await.status, 200);
     chat_reply(&gw, "m-b")
         .await
@@ -163,16 +161,12 @@ async fn a_backend_and_model_added_to_the_running_config_are_served() {
 async fn a_backend_url_changed_moves_its_traffic() {
     let a = FakeUpstream::start("a").await;
     let b = FakeUpstream::start("b").await;
-    let gw = Gateway::builder()
-        .backend("p", &a.url(), Some("key-p"))
-        .model("m", "p")
-        .start()
-        .await;
+    let gw = one_backend(&a, "m").start().await;
     until_served_by(&gw, "m", "a").await;
     edit_config(&gw, |yaml| yaml.replace(&a.url(), &b.url()));
     let took = until_served_by(&gw, "m", "b").await;
     eprintln!("a changed URL took {took:?}");
-    assert_eq!(b.last().header("authorization"), Some("Bearer key-p"));
+    assert_eq!(b.last().header("authorization"), Some("Bearer key-a"));
     until_envoy_applied(&gw, 2.0).await;
     let before = a.requests().len();
     for _ in 0..5 {
@@ -223,11 +217,7 @@ async fn a_removed_backend_and_its_models_are_gone_and_the_rest_serve() {
 async fn a_stream_in_flight_during_a_change_completes() {
     let a = FakeUpstream::start("a").await;
     let b = FakeUpstream::start("b").await;
-    let gw = Gateway::builder()
-        .backend("p", &a.url(), Some("key-p"))
-        .model("m", "p")
-        .start()
-        .await;
+    let gw = one_backend(&a, "m").start().await;
     let gate = a.hold_streams_after_first_event();
     let mut body = chat("m");
     body["stream"] = json!(true);
@@ -263,11 +253,7 @@ async fn a_stream_in_flight_during_a_change_completes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_envoy_rejects_is_logged_counted_and_the_old_one_serves() {
     let a = FakeUpstream::start("a").await;
-    let gw = Gateway::builder()
-        .backend("a", &a.url(), Some("key-a"))
-        .model("m-a", "a")
-        .start()
-        .await;
+    let gw = one_backend(&a, "m-a").start().await;
     until_envoy_applied(&gw, 1.0).await;
     let ca = gw.dir().join("not-a-ca.pem");
     fs::write(&ca, "this is not a certificate\n").unwrap();
@@ -306,12 +292,7 @@ async fn a_change_envoy_rejects_is_logged_counted_and_the_old_one_serves() {
 #[tokio::test(flavor = "multi_thread")]
 async fn envoy_started_first_serves_once_the_processor_is_up() {
     let a = FakeUpstream::start("a").await;
-    let mut gw = Gateway::builder()
-        .backend("a", &a.url(), Some("key-a"))
-        .model("m", "a")
-        .envoy_first()
-        .start()
-        .await;
+    let mut gw = one_backend(&a, "m").envoy_first().start().await;
     until_served_by(&gw, "m", "a").await;
     let took = gw.processor_up.unwrap().elapsed();
     eprintln!("serving {took:?} after the processor was up");
@@ -384,12 +365,7 @@ async fn xds_on_tcp_needs_the_secret() {
 async fn the_static_bootstrap_serves_without_xds() {
     let a = FakeUpstream::start("a").await;
     let b = FakeUpstream::start("b").await;
-    let gw = Gateway::builder()
-        .backend("a", &a.url(), Some("key-a"))
-        .model("m", "a")
-        .static_bootstrap()
-        .start()
-        .await;
+    let gw = one_backend(&a, "m").static_bootstrap().start().await;
     assert_eq!(
         chat_reply(&gw, "m").await.header("x-fake-upstream"),
         Some("a")
@@ -415,11 +391,7 @@ async fn the_static_bootstrap_serves_without_xds() {
 async fn a_model_moved_between_backends_never_fails_during_the_changes() {
     let a = FakeUpstream::start("a").await;
     let b = FakeUpstream::start("b").await;
-    let gw = Gateway::builder()
-        .backend("a", &a.url(), Some("key-a"))
-        .model("m", "a")
-        .start()
-        .await;
+    let gw = one_backend(&a, "m").start().await;
     until_envoy_applied(&gw, 1.0).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut senders = Vec::new();

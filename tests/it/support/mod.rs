@@ -624,14 +624,7 @@ impl Gateway {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let listeners: serde_json::Value = client
-            .get(format!("{}/listeners?format=json", self.envoy_admin_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listeners = self.envoy_admin_json("/listeners?format=json").await;
         let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]
             ["port_value"]
             .as_u64()
@@ -710,6 +703,18 @@ impl Gateway {
         let resp = req.send().await.expect("request to Envoy failed");
         assert_eq!(resp.status(), 200, "the stream was not answered 200");
         resp.bytes_stream()
+    }
+
+    /// A JSON page of Envoy's admin interface.
+    pub async fn envoy_admin_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(format!("{}{}", self.envoy_admin_url, path))
+            .send()
+            .await
+            .expect("Envoy's admin interface did not answer")
+            .json()
+            .await
+            .expect("Envoy's admin page is not JSON")
     }
 
     /// GET on the extproc's admin server.
