@@ -533,6 +533,9 @@ def xds_rows(procs, workdir, up):
     (before it, the processor answers 404 `model_not_found`, or Envoy has
     no route or cluster yet)."""
     cfg, _ = gateway_config(workdir, up, "uds", name="xds")
+    # No catch-all: a new model is answered only once its rule and backend
+    # are in force (with "*" it would be answered from the start).
+    cfg.write_text(cfg.read_text().replace('{name: "*", backend: bench}', '{name: "gpt-4o-mini", backend: bench}'))
     ext = start_extproc(procs, cfg, "xds")
     bootstrap = workdir / "envoy-xds.yaml"
     out = subprocess.run([str(EXTPROC), "envoy-config", "--config", str(cfg)], check=True, capture_output=True,
@@ -560,9 +563,12 @@ def xds_rows(procs, workdir, up):
         while True:
             conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
             r = conn.getresponse()
-            r.read()
+            answer = r.read()
             if r.status == 200:
                 break
+            if r.status != 404 or b'"model_not_found"' not in answer:
+                raise SystemExit(f"bench: model m-{i} answered {r.status} {answer[:200]!r} during the edit "
+                                 "(only the processor's 404 model_not_found before, 200 after)")
             if time.perf_counter() - t0 > 10:
                 raise SystemExit(f"bench: model m-{i} not served 10 s after the edit (last status {r.status})")
         samples.append((time.perf_counter() - t0) * 1000)
