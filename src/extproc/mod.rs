@@ -27,9 +27,7 @@ pub use service::ExtProcService;
 /// routes match on it, so the processor overwrites it on every request it
 /// forwards and removes any copy the client sent.
 pub const BACKEND_HEADER: &str = "x-ai-eg-backend";
-/// An internal header name the gateway once set (the model, for Envoy's
-/// access log, which now reads it from dynamic metadata); still removed
-/// from every request, so no client can pose as the gateway with it.
+/// Header carrying the requested model, for Envoy's access log.
 pub const MODEL_HEADER: &str = "x-ai-eg-model";
 pub use crate::decision::head::INTERNAL_HEADER_PREFIX;
 /// gRPC metadata naming the pass a stream serves; Envoy's upstream ext_proc

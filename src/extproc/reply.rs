@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::Struct;
 
 use super::chains::REQUEST_ID_HEADER;
-use super::BACKEND_HEADER;
+use super::{BACKEND_HEADER, MODEL_HEADER};
 use crate::decision::{Forward, Hygiene};
 use crate::openai::error::ApiError;
 use crate::provider_keys::ApiKey;
@@ -89,10 +89,8 @@ pub enum Destination<'a> {
 }
 
 /// The changes that send a request to `to`: the routing header Envoy's
-/// routes match on (and a new route match), and for one backend its key
-/// and the rewritten body with its length. (The model reaches Envoy's
-/// access log as dynamic metadata, with the token counts: a header for it
-/// cost Envoy 5.3 k instructions per request, `bench/RESULTS.md` entry 22.) A
+/// routes match on (and a new route match), the model for the access log,
+/// and for one backend its key and the rewritten body with its length. A
 /// chain gets its keys and bodies per attempt (`attempt`); here it only
 /// gets the id its attempts find it by.
 pub fn forward(forward: &Forward, to: Destination<'_>) -> Changes {
@@ -114,6 +112,9 @@ pub fn forward(forward: &Forward, to: Destination<'_>) -> Changes {
                 body = Some(b.clone());
             }
         }
+    }
+    if let Some(model) = &forward.model {
+        set.push(set_header(MODEL_HEADER, model.as_bytes()));
     }
     Changes {
         set,
