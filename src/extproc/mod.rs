@@ -27,7 +27,10 @@ pub use service::ExtProcService;
 /// routes match on it, so the processor overwrites it on every request it
 /// forwards and removes any copy the client sent.
 pub const BACKEND_HEADER: &str = "x-ai-eg-backend";
-/// Header carrying the requested model, for Envoy's access log.
+/// Header carrying the requested model from routing on, for Envoy filters
+/// after ext_proc (a rate limit descriptor); the route removes it before
+/// the provider. (Measured: it costs Envoy 5.3 k instructions per request,
+/// `bench/RESULTS.md` entry 22; kept for that use.)
 pub const MODEL_HEADER: &str = "x-ai-eg-model";
 pub use crate::decision::head::INTERNAL_HEADER_PREFIX;
 /// gRPC metadata naming the pass a stream serves; Envoy's upstream ext_proc

@@ -72,10 +72,12 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
     );
     let line = gw.wait_for_log(&["attempts=\"tars:429 other:200\""]);
     assert!(line.contains("backend=\"other\""), "{line}");
-    // Envoy's access log names the chain and counts the attempts.
+    // Envoy's access log names the chain, counts the attempts, and (from
+    // the processor's metadata) the backend that answered.
     let entry = gw.access_log_line("\"upstream_attempts\"").await;
     assert_eq!(entry["backend"], "chain~tars~other", "{entry}");
     assert_eq!(entry["upstream_attempts"], 2, "{entry}");
+    assert_eq!(entry["ai_gateway"]["backend"], "other", "{entry}");
 }
 
 fn status(code: u16, retry_after: Option<&str>) -> Canned {

@@ -105,15 +105,19 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
         assert!(line.contains(field), "{field} missing: {line}");
     }
 
-    // Envoy's access log carries the counts too (dynamic metadata).
+    // Envoy's access log carries the counts too (dynamic metadata, as one
+    // object).
     let entry = gw.access_log_line("req-stream-1").await;
     assert_eq!(entry["backend"], "tars");
-    assert_eq!(entry["model"], "gpt-4o-mini");
-    assert_eq!(entry["input_tokens"], 9);
-    assert_eq!(entry["output_tokens"], 4);
-    assert_eq!(entry["total_tokens"], 13);
-    assert_eq!(entry["cached_input_tokens"], 2);
-    assert_eq!(entry["response_model"], "gpt-4o-mini");
+    let reported = &entry["ai_gateway"];
+    assert_eq!(reported["backend"], "tars", "{entry}");
+    assert_eq!(reported["model"], "gpt-4o-mini");
+    assert_eq!(reported["input_tokens"], 9);
+    assert_eq!(reported["output_tokens"], 4);
+    assert_eq!(reported["total_tokens"], 13);
+    assert_eq!(reported["cached_input_tokens"], 2);
+    assert_eq!(reported["reasoning_tokens"], 1);
+    assert_eq!(reported["response_model"], "gpt-4o-mini");
 }
 
 #[tokio::test(flavor = "multi_thread")]
