@@ -783,7 +783,9 @@ backends:
 {second}models:
   - {{name: "*", backend: first{fallback}}}
 {extra}""")
-    out = subprocess.run([str(binary or EXTPROC), "envoy-config", "--config", str(cfg)], check=True,
+    # Static, as `render()`: an older binary (--baseline) renders only that.
+    static = [] if binary else ["--static"]
+    out = subprocess.run([str(binary or EXTPROC), "envoy-config", *static, "--config", str(cfg)], check=True,
                          capture_output=True, text=True)
     return cfg, yaml.safe_load(out.stdout)
 
