@@ -79,9 +79,14 @@ impl Reload for ConfigReload {
     fn parse(&self, path: &Path, text: &str) -> Result<NewConfig, ReloadError> {
         let config = self.overrides.apply(Config::from_text(text, path)?, path)?;
         let envoy = self.envoy.render(&config)?;
-        let bridge = self
-            .envoy
-            .render(&bridge(&self.state.snapshot().config, &config))?;
+        // Rendered again only when the old config has something the new
+        // one drops (each render builds a descriptor pool).
+        let bridging = bridge(&self.state.snapshot().config, &config);
+        let bridge = if bridging == config {
+            envoy.clone()
+        } else {
+            self.envoy.render(&bridging)?
+        };
         Ok(NewConfig {
             config,
             envoy,
@@ -166,9 +171,10 @@ impl Reload for ConfigReload {
 
 /// The config Envoy's resources are rendered from while a change is under
 /// way: the new one, plus the old one's backends it drops (their clusters
-/// and routes) and the old models' fallback chains. Only backends and the
-/// chains models make reach Envoy's resources, so the new models suffice
-/// otherwise.
+/// and routes) and the old models with fallbacks it does not have (their
+/// chains). Only backends and the chains models make reach Envoy's
+/// resources, so the new models suffice otherwise; with nothing dropped,
+/// the bridge is the new config itself.
 fn bridge(old: &Config, new: &Config) -> Config {
     let mut bridge = new.clone();
     for backend in &old.backends {
@@ -179,7 +185,7 @@ fn bridge(old: &Config, new: &Config) -> Config {
     bridge.models.extend(
         old.models
             .iter()
-            .filter(|m| !m.fallbacks.is_empty())
+            .filter(|m| !m.fallbacks.is_empty() && !new.models.contains(m))
             .cloned(),
     );
     bridge
@@ -231,13 +237,15 @@ mod tests {
             // (old, new, backends, chains)
             (&old, &new, vec!["a", "c", "b"], 1),
             (&new, &old, vec!["a", "b", "c"], 1),
-            (&old, &old, vec!["a", "b"], 2),
+            (&old, &old, vec!["a", "b"], 1),
             (&new, &new, vec!["a", "c"], 0),
         ];
         for (i, (from, to, backends, chains)) in cases.into_iter().enumerate() {
             assert_eq!(names(&bridge(from, to)), (backends, chains), "case {i}");
         }
-        // A changed backend is the new one.
+        // A changed backend is the new one; an unchanged config bridges to
+        // itself (its resources are not rendered twice).
         assert_eq!(bridge(&old, &new).backends[0].url, new.backends[0].url);
+        assert!(bridge(&old, &old) == old && bridge(&new, &new) == new);
     }
 }
