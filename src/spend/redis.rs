@@ -424,6 +424,12 @@ impl Shared {
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok(reply)) => Ok(reply),
+            // The connection's own response timeout is the same length and
+            // usually fires first: say which limit it was, as below.
+            Ok(Err(e)) if e.is_timeout() => Err(CallError {
+                error: StoreError::Timeout(timeout),
+                unsent: false,
+            }),
             Ok(Err(e)) => Err(CallError {
                 unsent: e.is_connection_refusal(),
                 error: redis_error(e),

@@ -47,6 +47,15 @@ async fn within_one_minute(needed: u64) {
     }
 }
 
+/// The `spend:` fields of a replica that takes bursts: these tests are
+/// about exactness, not latency. A debug-build processor answering 300
+/// requests at once on a loaded two-core CI machine can take longer than
+/// the 250 ms default store timeout for a Redis call, which then counts as
+/// a store error (503) and, when it timed out after the script ran, leaves
+/// a reservation nobody settles. `a_hung_redis_is_a_store_error_after_the_store_timeout`
+/// tests the timeout itself.
+const BURST_SPEND: &str = ", store_timeout: 10s";
+
 /// `n` chat requests at once, round robin over `gateways`, with `key`.
 async fn burst(gateways: &[&Gateway], n: usize, key: &str, body: serde_json::Value) -> Vec<Reply> {
     let tasks: Vec<_> = (0..n)
@@ -89,6 +98,19 @@ fn statuses(replies: &[Reply]) -> BTreeMap<u16, usize> {
     m
 }
 
+/// Each status with the OpenAI error code it carried, for failure messages.
+fn outcomes(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        let code = serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        *m.entry(format!("{} {code}", r.status)).or_insert(0) += 1;
+    }
+    m
+}
+
 async fn post(gw: &Gateway, key: &str, body: &serde_json::Value) -> Reply {
     gw.request(
         reqwest::Method::POST,
@@ -112,27 +134,31 @@ async fn two_replicas_on_one_redis_admit_exactly_the_limit() {
     let redis = RedisServer::start();
     let up = FakeUpstream::start("tars").await;
     let keys = keys("{requests_per_minute: 100}");
-    let a = replica(&up, &redis.url(), &keys, "").await;
-    let b = replica(&up, &redis.url(), &keys, "").await;
+    let a = replica(&up, &redis.url(), &keys, BURST_SPEND).await;
+    let b = replica(&up, &redis.url(), &keys, BURST_SPEND).await;
+    // Both replicas have their Envoy-to-processor and Redis connections
+    // up before the burst (the other key, its own counter).
+    for gw in [&a, &b] {
+        assert_eq!(post(gw, TEAM_B, &chat("gpt-4o-mini")).await.status, 200);
+    }
+    up.clear();
     within_one_minute(25).await;
     let replies = burst(&[&a, &b], 300, TEAM_A, chat("gpt-4o-mini")).await;
     assert_eq!(
         statuses(&replies),
         BTreeMap::from([(200, 100), (429, 200)]),
-        "a limit of 100 across two replicas"
+        "a limit of 100 across two replicas: {:?}",
+        outcomes(&replies)
     );
     assert_eq!(
         up.requests().len(),
         100,
         "the provider saw more than the limit"
     );
-    // Both replicas served some: the limit held across them, not per replica.
-    for gw in [&a, &b] {
-        assert!(
-            gw.extproc_logs().contains("status=200"),
-            "a replica served nothing"
-        );
-    }
+    // Either replica alone would have served 100 of its 150: 100 in all
+    // means each counted the other's admissions. (Which replica served how
+    // many is up to scheduling, so it is not asserted.)
+
     // The other key has its own counter.
     assert_eq!(post(&a, TEAM_B, &chat("gpt-4o-mini")).await.status, 200);
 }
@@ -145,8 +171,8 @@ async fn two_replicas_never_admit_more_tokens_than_the_limit() {
     let redis = RedisServer::start();
     let up = FakeUpstream::start("tars").await;
     let keys = keys("{tokens_per_minute: 500}");
-    let a = replica(&up, &redis.url(), &keys, "").await;
-    let b = replica(&up, &redis.url(), &keys, "").await;
+    let a = replica(&up, &redis.url(), &keys, BURST_SPEND).await;
+    let b = replica(&up, &redis.url(), &keys, BURST_SPEND).await;
     within_one_minute(25).await;
     let replies = burst(&[&a, &b], 300, TEAM_A, with_max_tokens(4)).await;
     let served = statuses(&replies).get(&200).copied().unwrap_or(0);
@@ -342,6 +368,44 @@ async fn redis_down_rejects_then_recovers_by_itself() {
         .await
         .assert_error(429, "rate_limit_exceeded");
     gw.wait_for_log(&["spend store reachable again"]);
+}
+
+/// A Redis that hangs (frozen: connections open, no answer) is a store
+/// error after `store_timeout`: the client gets the processor's 503, not
+/// Envoy's timeout of the whole exchange, and nothing reaches the provider
+/// unmetered. Thawed, the same connection serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_redis_is_a_store_error_after_the_store_timeout() {
+    let redis = RedisServer::start();
+    let up = FakeUpstream::start("tars").await;
+    let gw = replica(
+        &up,
+        &redis.url(),
+        &keys("{requests_per_minute: 1000}"),
+        ", store_timeout: 300ms",
+    )
+    .await;
+    assert_eq!(post(&gw, TEAM_A, &chat("m")).await.status, 200);
+    redis.freeze();
+    up.clear();
+    let r = post(&gw, TEAM_A, &chat("m")).await;
+    redis.thaw();
+    r.assert_error(503, "spend_store_unavailable");
+    assert!(up.requests().is_empty(), "served unmetered");
+    gw.wait_for_log(&["spend store unreachable", "did not answer within"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post(&gw, TEAM_A, &chat("m")).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served after Redis thawed: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `on_store_error: admit` serves while Redis is down.
@@ -586,8 +650,8 @@ async fn redis_cluster_holds_the_limit() {
     let up = FakeUpstream::start("tars").await;
     let store = format!("redis+cluster://127.0.0.1:{}", redis.port);
     let keys = keys("{requests_per_minute: 20}");
-    let a = replica(&up, &store, &keys, "").await;
-    let b = replica(&up, &store, &keys, "").await;
+    let a = replica(&up, &store, &keys, BURST_SPEND).await;
+    let b = replica(&up, &store, &keys, BURST_SPEND).await;
     within_one_minute(20).await;
     let replies = burst(&[&a, &b], 60, TEAM_A, chat("gpt-4o-mini")).await;
     assert_eq!(statuses(&replies), BTreeMap::from([(200, 20), (429, 40)]));

@@ -98,6 +98,26 @@ impl RedisServer {
         self.process = None;
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections and answers
+    /// nothing, as a Redis stuck on a slow disk or a long script does.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let process = self.process.as_ref().expect("redis-server is not running");
+        let pid = libc::pid_t::try_from(process.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on the pid of our own child, which is alive (the
+        // guard reaps it only on drop).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
     /// Starts it (again) on the same port, and waits until it answers.
     pub fn resume(&mut self) {
         let mut cmd = Command::new(redis_server_bin());
