@@ -337,6 +337,46 @@ def start_null_extproc(procs, workdir, upstream_port, name):
     return render(cfg)
 
 
+def instruction_rows(procs, workdir, up, n, counts):
+    """Envoy's instructions per request under callgrind: Envoy alone, the
+    gateway as configured by default, the gateway with
+    `envoy.usage_metadata`, and the null processor with the same phases.
+    The gateway and the floor are counted `counts` times, alternating, and
+    the medians shown (one build's counts differ by up to about 4 k)."""
+    def config(name, extra_envoy=""):
+        cfg, _ = gateway_config(workdir, up, "uds", name=name)
+        if extra_envoy:
+            text = cfg.read_text()
+            line = next(l for l in text.splitlines() if l.startswith("envoy: {"))
+            cfg.write_text(text.replace(line, line[:-1] + f", {extra_envoy}}}"))
+        start_extproc(procs, cfg, name)
+        return cfg
+
+    cfg = config("cgb")
+    cfg_usage = config("cgbu", "usage_metadata: true")
+    ia = envoy_instructions(procs, workdir, "a", plain_envoy(render(cfg)), n)
+    b, usage, floor = [], [], []
+    for k in range(counts):
+        b.append(envoy_instructions(procs, workdir, f"b{k}", render(cfg), n))
+        usage.append(envoy_instructions(procs, workdir, f"bu{k}", render(cfg_usage), n))
+        floor.append(envoy_instructions(procs, workdir, f"floor{k}",
+                                        start_null_extproc(procs, workdir, up, f"cgfloor{k}"), n))
+        print(f"bench: instructions, count {k + 1}: gateway {b[-1]:,.0f}, with usage metadata {usage[-1]:,.0f}, "
+              f"floor {floor[-1]:,.0f}", file=sys.stderr, flush=True)
+    ib, iu, i_f = (statistics.median(x) for x in (b, usage, floor))
+    k = lambda v: f"{v / 1000:,.0f} k"
+    spread = lambda x: f" (counts {', '.join(f'{v / 1000:,.1f}' for v in x)} k)" if len(x) > 1 else ""
+    return [
+        ("chat: Envoy instructions per request (callgrind)" + spread(b), k(ia), k(ib), f"A/B {ia / ib:.2f}", ""),
+        ("floor: Envoy instructions per request with the null processor, same phases" + spread(floor), k(ia),
+         k(i_f), f"A/B {ia / i_f:.2f}", ""),
+        ("gateway / null processor, Envoy instructions per request (A: floor, B: gateway)", k(i_f), k(ib),
+         f"{ib / i_f:.3f}", "≤ 1.05"),
+        ("the same with `envoy.usage_metadata: true` (token counts in Envoy's access log)" + spread(usage), k(i_f),
+         k(iu), f"{iu / i_f:.3f}", ""),
+    ]
+
+
 def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
     """Envoy's instructions per request, counted by callgrind: unlike CPU
     time, the count repeats run after run whatever the neighbours do."""
@@ -923,12 +963,14 @@ def main():
                     help="skip counting Envoy's instructions per request under callgrind (about 2 minutes)")
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
-    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds"],
+    ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds",
+                                       "instructions"],
                     default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
                          "bodies: only the body-size rows; streams: only the concurrent-stream memory rows; "
-                         "xds: only the config-edit-to-Envoy rows (dynamic bootstrap)")
+                         "xds: only the config-edit-to-Envoy rows (dynamic bootstrap); "
+                         "instructions: only Envoy's instructions per request under callgrind, --rounds counts each")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -969,6 +1011,9 @@ def main():
             raise _Done
         if a.only == "xds":
             rows += xds_rows(procs, workdir, up)
+            raise _Done
+        if a.only == "instructions":
+            rows += instruction_rows(procs, workdir, up, a.instruction_requests, counts=a.rounds)
             raise _Done
         if a.only == "keys":
             cfg, key = gateway_config(workdir, up, "uds", name="keys")
@@ -1049,14 +1094,7 @@ def main():
         rows.append((f"processor RSS with 1,000 concurrent streams ({n:,} streams)", "",
                      f"{peak:.1f} MiB (idle {before:.1f})", "", "≤ 32 MiB"))
         if a.instructions:
-            n = a.instruction_requests
-            ia = envoy_instructions(procs, workdir, "a", plain_envoy(render(cfg_uds)), n)
-            ib = envoy_instructions(procs, workdir, "b", render(cfg_uds), n)
-            i_f = envoy_instructions(procs, workdir, "floor", start_null_extproc(procs, workdir, up, "cgfloor"), n)
-            rows.append(("chat: Envoy instructions per request (callgrind)", f"{ia / 1000:,.0f} k", f"{ib / 1000:,.0f} k",
-                         f"A/B {ia / ib:.2f}", ""))
-            rows.append(("floor: Envoy instructions per request with the null processor, same phases", f"{ia / 1000:,.0f} k",
-                         f"{i_f / 1000:,.0f} k", f"A/B {ia / i_f:.2f}", ""))
+            rows += instruction_rows(procs, workdir, up, a.instruction_requests, counts=1)
     except _Done:
         pass
     finally:
@@ -1083,7 +1121,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds"):
+    elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds", "instructions"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"

@@ -151,6 +151,14 @@ pub struct EnvoyConfig {
     /// is opt-in and should stay on localhost).
     #[serde(default, deserialize_with = "de_opt_socket_addr")]
     pub admin_listen: Option<SocketAddr>,
+    /// The processor hands each exchange's backend, models and token counts
+    /// to Envoy as dynamic metadata (`io.envoy.ai_gateway`), and Envoy's
+    /// access log shows them (field `ai_gateway`). Off by default: it costs
+    /// Envoy's worker about 6 % more instructions per request (the write,
+    /// then formatting it in every access log line; `bench/RESULTS.md`
+    /// entry 25), and the processor's own request line has all of it.
+    #[serde(default)]
+    pub usage_metadata: bool,
 }
 
 /// One OpenAI-compatible provider.
@@ -242,6 +250,7 @@ impl Default for EnvoyConfig {
         Self {
             listen: default_envoy_listen(),
             admin_listen: None,
+            usage_metadata: false,
         }
     }
 }

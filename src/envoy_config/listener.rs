@@ -29,7 +29,7 @@ pub(super) fn listener(
         // The processor sees the path Envoy routes on: normalized.
         "normalize_path": true,
         "merge_slashes": true,
-        "access_log": [access_log(!chains(config).is_empty())],
+        "access_log": [access_log(!chains(config).is_empty(), config.envoy.usage_metadata)],
         "local_reply_config": local_replies(config),
         "http_filters": [ext_proc_filter(config, secret), {
             "name": "envoy.filters.http.router",
@@ -184,8 +184,9 @@ fn status_mapper(status: u16, message: &str, kind: &str, code: &str) -> Value {
 /// Envoy's access log. With fallback chains it also counts each request's
 /// attempts, refused connections included (the processor only sees the
 /// attempts that connected); without, that field is left out (measured:
-/// 0.5 % of Envoy's instructions per request).
-fn access_log(chains: bool) -> Value {
+/// 0.5 % of Envoy's instructions per request). With `usage_metadata`, it
+/// shows what the processor reported.
+fn access_log(chains: bool, usage_metadata: bool) -> Value {
     let mut log = json!({
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
@@ -208,13 +209,6 @@ fn access_log(chains: bool) -> Value {
                 "bytes_sent": "%BYTES_SENT%",
                 "duration_ms": "%DURATION%",
                 "user_agent": "%REQ(USER-AGENT)%",
-                // What the processor reported, in its one metadata write:
-                // the backend that answered, the model asked for and the
-                // one that answered, the token counts. One field for the
-                // whole namespace: as eight fields, formatting them cost
-                // Envoy about 23 k instructions per request more (4 %,
-                // `bench/RESULTS.md` entry 23).
-                "ai_gateway": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE})%"),
             },
                 // REQ_WITHOUT_QUERY is an extension formatter.
                 "formatters": [{
@@ -224,9 +218,17 @@ fn access_log(chains: bool) -> Value {
             },
         },
     });
+    let fields = &mut log["typed_config"]["log_format"]["json_format"];
     if chains {
-        log["typed_config"]["log_format"]["json_format"]["upstream_attempts"] =
-            json!("%UPSTREAM_REQUEST_ATTEMPT_COUNT%");
+        fields["upstream_attempts"] = json!("%UPSTREAM_REQUEST_ATTEMPT_COUNT%");
+    }
+    if usage_metadata {
+        // What the processor reported, in its one metadata write: the
+        // backend that answered, the model asked for and the one that
+        // answered, the token counts. One field for the whole namespace:
+        // as eight fields, formatting them cost Envoy about 23 k
+        // instructions per request more (4 %, `bench/RESULTS.md` entry 23).
+        fields["ai_gateway"] = json!(format!("%DYNAMIC_METADATA({METADATA_NAMESPACE})%"));
     }
     log
 }

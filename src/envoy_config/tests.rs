@@ -197,3 +197,28 @@ fn durations() {
     assert_eq!(duration(Duration::from_millis(200)), "0.2s");
     assert_eq!(duration(Duration::ZERO), "0s");
 }
+
+/// The access log's optional fields: the attempts only with chains, the
+/// processor's report only with `envoy.usage_metadata`.
+#[test]
+fn access_log_fields_follow_the_config() {
+    let backends = "backends:\n  - {name: a, url: 'http://127.0.0.1:1', api_key_file: k}\n  - {name: b, url: 'http://127.0.0.1:2', api_key_file: k}\n";
+    for (extra, attempts, report) in [
+        ("models: [{name: '*', backend: a}]\n", false, false),
+        ("models: [{name: '*', backend: a, fallbacks: [{backend: b}]}]\n", true, false),
+        ("models: [{name: '*', backend: a}]\nenvoy: {usage_metadata: true}\n", false, true),
+        ("models: [{name: '*', backend: a, fallbacks: [{backend: b}]}]\nenvoy: {usage_metadata: true}\n", true, true),
+    ] {
+        let c = config(&format!("{backends}{extra}"));
+        let v: Value = serde_yaml_ng::from_str(&render_static(&c).unwrap()).unwrap();
+        let fields = &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["access_log"][0]["typed_config"]["log_format"]["json_format"];
+        assert!(fields["request_id"].is_string(), "{extra}: {fields}");
+        assert_eq!(fields["upstream_attempts"].is_string(), attempts, "{extra}");
+        assert_eq!(
+            fields["ai_gateway"].as_str(),
+            report.then_some("%DYNAMIC_METADATA(io.envoy.ai_gateway)%"),
+            "{extra}"
+        );
+    }
+}

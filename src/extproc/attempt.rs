@@ -122,7 +122,7 @@ impl AttemptExchange {
         });
         reply::with_metadata(
             reply::request_headers_replacing_body(changes),
-            report::metadata(&[(CONTENT_LENGTH_FIELD, &length)]),
+            Some(report::metadata(&[(CONTENT_LENGTH_FIELD, &length)])),
         )
     }
 

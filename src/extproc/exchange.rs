@@ -24,6 +24,7 @@ use std::time::Instant;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
+use envoy_types::pb::google::protobuf::Struct;
 use tonic::Status;
 
 use super::chains::ChainRequest;
@@ -336,17 +337,16 @@ impl Exchange {
             // Not forwarded (Envoy answered on its own, e.g. a 413).
             return reply::response_headers(Changes::default());
         };
-        let metadata = (status >= 400).then(|| {
+        let failed = status >= 400;
+        // The one metadata write of a failed request: the access log names
+        // its backend and model.
+        let metadata = if failed {
             let retry_after = header(headers, "retry-after").map(String::from_utf8_lossy);
             self.log_upstream_error(fwd, status, retry_after.as_deref());
-            // The one metadata write of a failed request: the access log
-            // names its backend and model.
-            report::response_metadata(
-                &fwd.backend.name,
-                fwd.model.as_deref(),
-                &Observed::default(),
-            )
-        });
+            usage_metadata(&self.snapshot, fwd, &Observed::default())
+        } else {
+            None
+        };
         // Only inference responses carry usage; a model list is left alone.
         let read_body = (200..300).contains(&status)
             && !h.end_of_stream
@@ -366,7 +366,7 @@ impl Exchange {
             observed: None,
             ended: h.end_of_stream,
         });
-        if let Some(metadata) = metadata {
+        if failed {
             // Nothing was generated: the tokens go back, the request counts.
             self.settle(Settlement::UpstreamFailed);
             return reply::with_metadata(reply::response_headers(Changes::default()), metadata);
@@ -417,7 +417,7 @@ impl Exchange {
                 Observed::default()
             }
         };
-        let metadata = report::response_metadata(backend, fwd.model.as_deref(), &observed);
+        let metadata = usage_metadata(&self.snapshot, fwd, &observed);
         let usage = observed.usage;
         response.observed = Some(observed);
         self.settle(if usage.is_empty() {
@@ -576,4 +576,15 @@ impl Drop for Exchange {
             self.state.chains.remove(id);
         }
     }
+}
+
+/// What Envoy's dynamic metadata gets, when the config asks for it
+/// (`envoy.usage_metadata`): nothing is written otherwise, which saves
+/// Envoy's worker the write and the access log's formatting of it.
+fn usage_metadata(snapshot: &Snapshot, fwd: &Forwarded, observed: &Observed) -> Option<Struct> {
+    snapshot
+        .config
+        .envoy
+        .usage_metadata
+        .then(|| report::response_metadata(&fwd.backend.name, fwd.model.as_deref(), observed))
 }

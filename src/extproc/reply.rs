@@ -175,9 +175,12 @@ pub fn response_body(changes: Changes) -> ProcessingResponse {
     }))
 }
 
-/// Adds Envoy dynamic metadata to a response.
-pub fn with_metadata(mut response: ProcessingResponse, metadata: Struct) -> ProcessingResponse {
-    response.dynamic_metadata = Some(metadata);
+/// Adds Envoy dynamic metadata to a response, if there is any.
+pub fn with_metadata(
+    mut response: ProcessingResponse,
+    metadata: Option<Struct>,
+) -> ProcessingResponse {
+    response.dynamic_metadata = metadata;
     response
 }
 

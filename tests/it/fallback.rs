@@ -27,6 +27,7 @@ async fn a_throttled_primary_hands_over_to_the_fallback_with_its_own_key() {
         .backend("tars", &primary.url(), Some("sk-primary-key"))
         .backend("other", &format!("{}/", other.url()), Some("sk-other-key"))
         .model_yaml("{name: gpt-4o-mini, backend: tars, fallbacks: [{backend: other, upstream_model: gpt-4o-mini-2024-07-18}]}")
+        .envoy_option("usage_metadata: true")
         .start()
         .await;
     // The client's own credentials reach no attempt.

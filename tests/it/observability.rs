@@ -5,6 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::extproc_client::{
+    body, chat_headers, exchange, response_body, response_headers, unix_channel,
+};
 use crate::support::{chat, metric, rename_key, Canned, FakeUpstream, Gateway};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
@@ -19,7 +22,12 @@ fn streamed(model: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     let up = FakeUpstream::start("tars").await;
-    let gw = Gateway::catch_all(&up, Some("sk-secret-tars")).await;
+    let gw = Gateway::builder()
+        .backend("tars", &up.url(), Some("sk-secret-tars"))
+        .model("*", "tars")
+        .envoy_option("usage_metadata: true")
+        .start()
+        .await;
 
     let reply = gw
         .request(
@@ -106,7 +114,7 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     }
 
     // Envoy's access log carries the counts too (dynamic metadata, as one
-    // object).
+    // object), as `envoy.usage_metadata` asks.
     let entry = gw.access_log_line("req-stream-1").await;
     assert_eq!(entry["backend"], "tars");
     let reported = &entry["ai_gateway"];
@@ -118,6 +126,84 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
     assert_eq!(reported["cached_input_tokens"], 2);
     assert_eq!(reported["reasoning_tokens"], 1);
     assert_eq!(reported["response_model"], "gpt-4o-mini");
+}
+
+/// By default the processor writes no metadata and Envoy's access log has
+/// no field for it: the request line in the processor's log is the record
+/// of the counts, joined to Envoy's line by the request id. Switched on by
+/// a live config edit, the next request carries them in both.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_reaches_envoys_access_log_only_when_asked() {
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::catch_all(&up, Some("sk-secret-tars")).await;
+    let gw = &gw;
+    let send = |id: String| async move {
+        let reply = gw
+            .request(
+                reqwest::Method::POST,
+                "/v1/chat/completions",
+                chat("gpt-4o-mini").to_string(),
+                &[("x-request-id", &id)],
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        // Quoted: `req-2` is not found in `req-20`'s line.
+        gw.access_log_line(&format!("{id:?}")).await
+    };
+    let entry = send("req-plain".into()).await;
+    assert_eq!(entry["backend"], "tars", "{entry}");
+    assert!(entry.get("ai_gateway").is_none(), "{entry}");
+    assert_eq!(metadata_written(gw).await, None);
+    let line = gw.wait_for_log(&["req-plain", " request "]);
+    assert!(line.contains("input_tokens=9"), "{line}");
+
+    let config = std::fs::read_to_string(&gw.config_path).unwrap();
+    let edited = config.replacen(
+        "admin_listen: \"127.0.0.1:0\"",
+        "admin_listen: \"127.0.0.1:0\", usage_metadata: true",
+        1,
+    );
+    assert_ne!(edited, config, "the envoy section moved: {config}");
+    rename_key(&gw.config_path, &edited);
+    // The processor's half applies once Envoy has the new listener (make
+    // before break); then Envoy's workers serve on it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = loop {
+        if let Some(written) = metadata_written(gw).await {
+            break written;
+        }
+        assert!(Instant::now() < deadline, "the edit never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(written.contains("io.envoy.ai_gateway"), "{written}");
+    assert!(written.contains("input_tokens"), "{written}");
+    let entry = send("req-asked".into()).await;
+    assert_eq!(entry["ai_gateway"]["backend"], "tars", "{entry}");
+    assert_eq!(entry["ai_gateway"]["input_tokens"], 9, "{entry}");
+}
+
+/// Plays Envoy for one chat on the processor's socket and returns the
+/// dynamic metadata of the answer to the response's last body chunk.
+async fn metadata_written(gw: &Gateway) -> Option<String> {
+    let channel = unix_channel(&gw.extproc_socket()).await.unwrap();
+    let usage = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#;
+    let answers = exchange(
+        channel,
+        None,
+        vec![
+            chat_headers(&[]),
+            body(&chat("gpt-4o-mini").to_string(), true),
+            response_headers(
+                &[(":status", "200"), ("content-type", "application/json")],
+                false,
+            ),
+            response_body(usage, true),
+        ],
+    )
+    .await;
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    let last = answers[3].as_ref().expect("the last answer");
+    last.dynamic_metadata.as_ref().map(|m| format!("{m:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -102,20 +102,38 @@ pub fn carries(answer: &ProcessingResponse, needle: &str) -> bool {
 /// A request-headers message.
 pub fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
     ProcessingRequest {
-        request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: pairs
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: k.to_string(),
-                        raw_value: v.as_bytes().to_vec(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            }),
+        request: Some(processing_request::Request::RequestHeaders(header_map(
+            pairs,
             end_of_stream,
-            ..Default::default()
-        })),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// A response-headers message.
+pub fn response_headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseHeaders(header_map(
+            pairs,
+            end_of_stream,
+        ))),
+        ..Default::default()
+    }
+}
+
+fn header_map(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        end_of_stream,
         ..Default::default()
     }
 }
@@ -124,6 +142,18 @@ pub fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest
 pub fn body(content: &str, end_of_stream: bool) -> ProcessingRequest {
     ProcessingRequest {
         request: Some(processing_request::Request::RequestBody(HttpBody {
+            body: content.as_bytes().to_vec(),
+            end_of_stream,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// A response-body message.
+pub fn response_body(content: &str, end_of_stream: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseBody(HttpBody {
             body: content.as_bytes().to_vec(),
             end_of_stream,
             ..Default::default()

@@ -175,6 +175,8 @@ pub struct GatewayBuilder {
     tcp_auth: Option<String>,
     /// Further `extproc` fields, e.g. `socket_mode: "0660"`.
     extproc_options: Vec<String>,
+    /// Further `envoy` fields, e.g. `usage_metadata: true`.
+    envoy_options: Vec<String>,
     /// The client keys file's content, when clients must present keys.
     client_keys: Option<String>,
     args: Vec<String>,
@@ -191,6 +193,7 @@ impl Default for GatewayBuilder {
             layout: KeyLayout::File,
             tcp_auth: None,
             extproc_options: Vec::new(),
+            envoy_options: Vec::new(),
             client_keys: None,
             args: vec!["--log-level".into(), "trace".into()],
             envoy_first: false,
@@ -281,6 +284,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// A further field of the `envoy` section, e.g. `usage_metadata: true`.
+    pub fn envoy_option(mut self, option: &str) -> Self {
+        self.envoy_options.push(option.to_string());
+        self
+    }
+
     /// Starts Envoy a second before the processor (whose xDS it waits for).
     pub fn envoy_first(mut self) -> Self {
         self.envoy_first = true;
@@ -319,9 +328,14 @@ impl GatewayBuilder {
         };
         options.extend(self.extproc_options.iter().cloned());
         let options: String = options.iter().map(|o| format!(", {o}")).collect();
+        let envoy_options: String = self
+            .envoy_options
+            .iter()
+            .map(|o| format!(", {o}"))
+            .collect();
         yaml.push_str(&format!(
             "extproc: {{listen: {extproc_listen:?}{options}}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
-             envoy: {{listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"}}\n\
+             envoy: {{listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"{envoy_options}}}\n\
              watch: {{poll_interval: 500ms}}\nbackends:\n"
         ));
         for b in &self.backends {
