@@ -291,9 +291,9 @@ def start_envoy(procs, workdir, name, bootstrap):
     return url
 
 
-def start_extproc(procs, cfg, name):
+def start_extproc(procs, cfg, name, args=()):
     # Default log level (info): one log line per request, as in production.
-    p = procs.start(f"extproc-{name}", [str(EXTPROC), "--config", str(cfg)])
+    p = procs.start(f"extproc-{name}", [str(EXTPROC), "--config", str(cfg), *args])
     admin = yaml.safe_load(cfg.read_text())["admin"]["listen"]
     wait_http(f"http://{admin}/healthz")
     return p
@@ -323,11 +323,13 @@ def variant(bootstrap, name):
     return bootstrap
 
 
-def start_null_extproc(procs, workdir, upstream_port, name):
-    """Envoy + the null processor (examples/null_extproc.rs): the floor."""
+def start_null_extproc(procs, workdir, upstream_port, name, threads=None):
+    """Envoy + the null processor (examples/null_extproc.rs): the floor;
+    `threads`: its worker threads (default: one per CPU, as the gateway's)."""
     cfg, _ = gateway_config(workdir, upstream_port, "uds", name=name)
     listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
-    procs.start(f"null-extproc-{name}", [str(NULL_EXTPROC), listen, "bench"])
+    env = dict(os.environ, AI_GATEWAY_WORKER_THREADS=str(threads)) if threads else None
+    procs.start(f"null-extproc-{name}", [str(NULL_EXTPROC), listen, "bench"], env=env)
     sock = pathlib.Path(listen.removeprefix("unix:"))
     deadline = time.monotonic() + 10
     while not sock.exists():
@@ -335,6 +337,53 @@ def start_null_extproc(procs, workdir, upstream_port, name):
             raise SystemExit("bench: the null processor did not start")
         time.sleep(0.05)
     return render(cfg)
+
+
+def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
+    """The latency and throughput targets alone, for each processor
+    worker-thread count in `threads`: the gateway against the null processor
+    with as many threads. Chat at saturation, chat at 1,000 req/s, and a
+    stream's time to first byte; each measure alternates Envoy alone (A)
+    and every gateway and floor."""
+    urls_b, urls_f = {}, {}
+    for n in threads:
+        cfg, _ = gateway_config(workdir, up, "uds", name=f"lat{n}")
+        start_extproc(procs, cfg, f"lat{n}", ["--worker-threads", str(n)])
+        urls_b[n] = start_envoy(procs, workdir, f"latb{n}", render(cfg))
+        urls_f[n] = start_envoy(procs, workdir, f"latf{n}",
+                                start_null_extproc(procs, workdir, up, f"latfloor{n}", threads=n))
+    url_a = start_envoy(procs, workdir, "lata", plain_envoy(render(cfg)))
+    urls = [url_a, *urls_b.values(), *urls_f.values()]
+    for url in urls:
+        oha(url, 2, a.connections, CHAT)
+    rows = []
+
+    def by_url(med):
+        return dict(zip(urls, med))
+
+    r = by_url(alternate(urls, body=CHAT)[0])
+    for n in threads:
+        b, f = r[urls_b[n]], r[urls_f[n]]
+        rows.append((f"{n} worker thread(s): chat throughput (req/s), floor (A) and gateway (B); Envoy alone "
+                     f"{r[url_a]['rps']:,.0f}", f"{f['rps']:,.0f}", f"{b['rps']:,.0f}", f"B/A {b['rps'] / f['rps']:.2f}",
+                     "≥ 0.95"))
+    r = by_url(alternate(urls, body=CHAT, rate=1000)[0])
+    base = r[url_a]["p50"]
+    for n in threads:
+        b, f = r[urls_b[n]]["p50"] - base, r[urls_f[n]]["p50"] - base
+        rows.append((f"{n} worker thread(s): chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
+                     f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0.05 ms"))
+    ttfb = {u: [] for u in urls}
+    for _ in range(a.rounds):
+        for u in urls:
+            ttfb[u] += ttfb_samples(u, 200)
+    p50 = {u: statistics.median(v) for u, v in ttfb.items()}
+    base = p50[url_a]
+    for n in threads:
+        b, f = p50[urls_b[n]] - base, p50[urls_f[n]] - base
+        rows.append((f"{n} worker thread(s): stream time to first byte, p50 added to Envoy alone's {base:.2f} ms: "
+                     f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0 ms"))
+    return rows
 
 
 def instruction_rows(procs, workdir, up, n, counts):
@@ -964,13 +1013,15 @@ def main():
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
     ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds",
-                                       "instructions"],
+                                       "instructions", "latency"],
                     default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
                          "bodies: only the body-size rows; streams: only the concurrent-stream memory rows; "
                          "xds: only the config-edit-to-Envoy rows (dynamic bootstrap); "
-                         "instructions: only Envoy's instructions per request under callgrind, --rounds counts each")
+                         "instructions: only Envoy's instructions per request under callgrind, --rounds counts each; "
+                         "latency: only throughput, p50 at 1,000 req/s and time to first byte, one and two "
+                         "processor worker threads against the floor")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -1011,6 +1062,9 @@ def main():
             raise _Done
         if a.only == "xds":
             rows += xds_rows(procs, workdir, up)
+            raise _Done
+        if a.only == "latency":
+            rows += latency_rows(procs, workdir, up, a, alternate)
             raise _Done
         if a.only == "instructions":
             rows += instruction_rows(procs, workdir, up, a.instruction_requests, counts=a.rounds)
@@ -1121,7 +1175,7 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
-    elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds", "instructions"):
+    elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds", "instructions", "latency"):
         columns = "| measure | A | B | B vs A | target |"
     else:
         columns = "| measure | A: Envoy alone | B: Envoy + ai-gateway-extproc | B vs A | target |"

@@ -80,8 +80,21 @@ fn route_to(backend: &str) -> CommonResponse {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// The runtime as the gateway builds it: `AI_GATEWAY_WORKER_THREADS`
+/// worker threads when set (the benchmark compares like with like), else
+/// one per CPU.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("AI_GATEWAY_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        runtime.worker_threads(n.max(1));
+    }
+    runtime.enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(backend)) = (args.next(), args.next()) else {
         return Err("usage: null_extproc unix:PATH|HOST:PORT BACKEND".into());

@@ -1,7 +1,7 @@
 //! What is recorded when an exchange ends: one log line, the metrics, and
-//! the route and token counts as Envoy dynamic metadata (namespace
-//! [`METADATA_NAMESPACE`]), where Envoy's access log and rate limiting can
-//! read them.
+//! (with `envoy.usage_metadata`) the route and token counts as Envoy
+//! dynamic metadata (namespace [`METADATA_NAMESPACE`]), where Envoy's
+//! access log and other filters can read them.
 
 use std::time::Duration;
 
