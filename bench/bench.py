@@ -325,7 +325,7 @@ def variant(bootstrap, name):
 
 def start_null_extproc(procs, workdir, upstream_port, name, threads=None):
     """Envoy + the null processor (examples/null_extproc.rs): the floor;
-    `threads`: its worker threads (default: one per CPU, as the gateway's)."""
+    `threads`: its worker threads (default: one, as the gateway's)."""
     cfg, _ = gateway_config(workdir, upstream_port, "uds", name=name)
     listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
     env = dict(os.environ, AI_GATEWAY_WORKER_THREADS=str(threads)) if threads else None

@@ -81,17 +81,17 @@ fn route_to(backend: &str) -> CommonResponse {
 }
 
 /// The runtime as the gateway builds it: `AI_GATEWAY_WORKER_THREADS`
-/// worker threads when set (the benchmark compares like with like), else
-/// one per CPU.
+/// worker threads, one by default (the benchmark compares like with like).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("AI_GATEWAY_WORKER_THREADS")
+    let threads = std::env::var("AI_GATEWAY_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-    {
-        runtime.worker_threads(n.max(1));
-    }
-    runtime.enable_all().build()?.block_on(serve())
+        .unwrap_or(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(serve())
 }
 
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {

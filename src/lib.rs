@@ -35,6 +35,7 @@ pub mod extproc;
 pub mod logging;
 pub mod login;
 pub mod metrics;
+pub mod offload;
 pub mod openai;
 pub mod outcome;
 pub mod provider_keys;

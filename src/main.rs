@@ -51,10 +51,17 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
-    /// Threads serving requests. Envoy opens one connection per worker, so
-    /// match Envoy's `--concurrency`; default: the number of CPUs.
-    #[arg(long, value_name = "N", env = "AI_GATEWAY_WORKER_THREADS")]
-    worker_threads: Option<usize>,
+    /// Threads serving requests. One gave more throughput and answered
+    /// sooner than two in the benchmark (fewer wake-ups across threads;
+    /// bench/RESULTS.md entry 26); raise it when the processor's CPU nears
+    /// one core.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AI_GATEWAY_WORKER_THREADS",
+        default_value_t = 1
+    )]
+    worker_threads: usize,
 
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
@@ -244,11 +251,10 @@ fn run(cli: Cli) -> Result<()> {
     let _log_flush =
         logging::init(cli.log_level.as_deref(), cli.log_format).map_err(anyhow::Error::msg)?;
     let (config_path, config) = load_config(&cli, &cli.addresses)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.worker_threads {
-        runtime.worker_threads(n.max(1));
-    }
-    let runtime = runtime
+    // Multi-threaded even with one worker: `offload::heavy` hands the
+    // worker's other tasks to a fresh thread while a step computes.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.worker_threads.max(1))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

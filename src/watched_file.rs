@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::offload;
 use crate::regular_file::{self, ReadError};
 use crate::watch::{FileWatcher, TRANSIENT_RECHECK};
 
@@ -93,12 +94,13 @@ impl WatchedFile {
                 return;
             }
         };
-        let mut parsed = target.parse(&self.path, &text);
+        // Parsing may render Envoy's resources (milliseconds of work).
+        let mut parsed = offload::heavy(|| target.parse(&self.path, &text));
         if parsed.is_err() {
             // An editor or `cp` writing in place shows a truncated file for
             // a moment: look again before calling it invalid.
             if let Some(again) = self.settle(&text).await {
-                parsed = target.parse(&self.path, &again);
+                parsed = offload::heavy(|| target.parse(&self.path, &again));
             }
         }
         match parsed {

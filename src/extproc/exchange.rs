@@ -34,6 +34,7 @@ use super::reply::{self, Changes, Destination};
 use super::report::{self, Completion};
 use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead, Target};
 use crate::metrics::Phase;
+use crate::offload;
 use crate::openai::error::ApiError;
 use crate::openai::response::ResponseReader;
 use crate::openai::usage::{Observed, UsageGap};
@@ -222,12 +223,20 @@ impl Exchange {
         }
         // BUFFERED: this one message is the whole body (its `end_of_stream`
         // is false when HTTP/2 trailers follow; see `order`).
-        let forward = match decision::decide_body(
-            admitted,
-            &chunk.body,
-            &self.snapshot,
-            &self.state.provider_keys,
-        ) {
+        let decide = || {
+            decision::decide_body(
+                admitted,
+                &chunk.body,
+                &self.snapshot,
+                &self.state.provider_keys,
+            )
+        };
+        let decided = if chunk.body.len() >= offload::HEAVY_BODY_BYTES {
+            offload::heavy(decide)
+        } else {
+            decide()
+        };
+        let forward = match decided {
             Ok(forward) => forward,
             Err(e) => return self.answer(Answer::Error(e)),
         };
