@@ -32,7 +32,6 @@ pub mod config_reload;
 pub mod decision;
 pub mod envoy_config;
 pub mod extproc;
-pub mod log_buffer;
 pub mod logging;
 pub mod login;
 pub mod metrics;
