@@ -51,8 +51,8 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
-    /// Threads serving requests. One gave more throughput and answered
-    /// sooner than two in the benchmark (fewer wake-ups across threads;
+    /// Threads serving requests. One gave 5 to 7 % more throughput than
+    /// two in the benchmark (fewer wake-ups across threads;
     /// bench/RESULTS.md entry 26); raise it when the processor's CPU nears
     /// one core.
     #[arg(

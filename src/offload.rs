@@ -1,8 +1,8 @@
 //! CPU-heavy steps that must not stall the other streams.
 //!
 //! The processor runs one async worker thread by default (a sidecar beside
-//! one Envoy: measured faster than one per CPU, `bench/RESULTS.md` entry
-//! 26). Every stream's messages are answered on it, so a step that computes
+//! one Envoy: measured 5 to 7 % more throughput than two, `bench/RESULTS.md`
+//! entry 26). Every stream's messages are answered on it, so a step that computes
 //! for milliseconds (scanning a body of several MB, rendering Envoy's
 //! resources on a reload) would hold every other stream's answer that long.
 //! [`heavy`] runs such a step with `block_in_place`: the worker's other
