@@ -1,19 +1,17 @@
 //! CPU-heavy steps that must not stall the other streams.
 //!
 //! The processor runs one async worker thread by default (a sidecar beside
-//! one Envoy: measured 5 to 7 % more throughput than two, `bench/RESULTS.md`
-//! entry 26). Every stream's messages are answered on it, so a step that computes
-//! for milliseconds (scanning a body of several MB, rendering Envoy's
-//! resources on a reload) would hold every other stream's answer that long.
-//! [`heavy`] runs such a step with `block_in_place`: the worker's other
-//! tasks move to a fresh thread while this one computes.
+//! one Envoy: measured 5 to 7 % more throughput than two,
+//! `bench/RESULTS.md` entry 26). Every stream's messages are answered on
+//! it, so a step that computes for milliseconds (rendering Envoy's
+//! resources on a reload) would hold every other stream's answer that
+//! long. [`heavy`] runs such a step with `block_in_place`: the worker's
+//! other tasks move to a fresh thread while this one computes. Not for
+//! request bodies: measured, a multi-MB body read that way cost twice the
+//! CPU and memory (`bench/RESULTS.md` entry 29), more than the wait it
+//! spares other streams.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
-
-/// Request bodies from this size on are read off the async worker: below
-/// it the scan takes well under a millisecond, less than handing the
-/// worker's tasks over would cost.
-pub const HEAVY_BODY_BYTES: usize = 1 << 20;
 
 /// Runs `step`, a computation of a millisecond or more, without holding
 /// up the runtime's other tasks. Outside a multi-threaded runtime (unit

@@ -34,7 +34,6 @@ use super::reply::{self, Changes, Destination};
 use super::report::{self, Completion};
 use crate::decision::{self, Admitted, Answer, Forward, HeadDecision, RequestHead, Target};
 use crate::metrics::Phase;
-use crate::offload;
 use crate::openai::error::ApiError;
 use crate::openai::response::ResponseReader;
 use crate::openai::usage::{Observed, UsageGap};
@@ -223,20 +222,15 @@ impl Exchange {
         }
         // BUFFERED: this one message is the whole body (its `end_of_stream`
         // is false when HTTP/2 trailers follow; see `order`).
-        let decide = || {
-            decision::decide_body(
-                admitted,
-                &chunk.body,
-                &self.snapshot,
-                &self.state.provider_keys,
-            )
-        };
-        let decided = if chunk.body.len() >= offload::HEAVY_BODY_BYTES {
-            offload::heavy(decide)
-        } else {
-            decide()
-        };
-        let forward = match decided {
+        // Read on this worker even when large: handing a multi-MB scan to
+        // another thread (`offload::heavy`) doubled its CPU and peak memory
+        // (bench/RESULTS.md entry 29).
+        let forward = match decision::decide_body(
+            admitted,
+            &chunk.body,
+            &self.snapshot,
+            &self.state.provider_keys,
+        ) {
             Ok(forward) => forward,
             Err(e) => return self.answer(Answer::Error(e)),
         };

@@ -350,19 +350,7 @@ async fn redis_down_rejects_then_recovers_by_itself() {
 
     // Back (empty: its data went with it): enforced again, by itself.
     redis.resume();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = post(&gw, TEAM_A, &chat("m")).await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not back after Redis returned: {}",
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    served_again(&gw, "not back after Redis returned").await;
     assert_eq!(post(&gw, TEAM_A, &chat("m")).await.status, 200);
     post(&gw, TEAM_A, &chat("m"))
         .await
@@ -393,17 +381,19 @@ async fn a_hung_redis_is_a_store_error_after_the_store_timeout() {
     r.assert_error(503, "spend_store_unavailable");
     assert!(up.requests().is_empty(), "served unmetered");
     gw.wait_for_log(&["spend store unreachable", "did not answer within"]);
+    served_again(&gw, "not served after Redis thawed").await;
+}
+
+/// Posts for `TEAM_A` until a request is served (the store is back), for
+/// up to 10 s.
+async fn served_again(gw: &Gateway, failure: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = post(&gw, TEAM_A, &chat("m")).await;
+        let r = post(gw, TEAM_A, &chat("m")).await;
         if r.status == 200 {
-            break;
+            return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not served after Redis thawed: {}",
-            r.text()
-        );
+        assert!(Instant::now() < deadline, "{failure}: {}", r.text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
