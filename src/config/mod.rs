@@ -154,7 +154,7 @@ pub struct EnvoyConfig {
     /// The processor hands each exchange's backend, models and token counts
     /// to Envoy as dynamic metadata (`io.envoy.ai_gateway`), and Envoy's
     /// access log shows them (field `ai_gateway`). Off by default: it costs
-    /// Envoy's worker about 6 % more instructions per request (the write,
+    /// Envoy's worker about 7 % more instructions per request (the write,
     /// then formatting it in every access log line; `bench/RESULTS.md`
     /// entry 25), and the processor's own request line has all of it.
     #[serde(default)]
