@@ -4,7 +4,8 @@
 # Targets: request_body (the request-body reader and model rewrite), decision
 # (the whole decision against a fixed config and keys), sse (the
 # SSE parser), config (the config parser and Envoy renderer), response (the
-# response reader: gzip/deflate, SSE, JSON usage). cargo-fuzz needs nightly
+# response reader: gzip/deflate, SSE, JSON usage), inbound (the ext_proc
+# message decoder that leaves bodies in place, against prost). cargo-fuzz needs nightly
 # compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
 # A crash is saved under fuzz/artifacts/<target>/ and stops the run: fix it
 # and keep the input as a unit test.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
-for target in request_body decision sse config response; do
+for target in request_body decision sse config response inbound; do
   echo "[fuzz] $target for ${seconds}s"
   mkdir -p "fuzz/corpus/$target"
   cargo fuzz run "$target" "fuzz/corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 \

@@ -146,7 +146,7 @@ fn attempt_changes(chain: &ChainRequest, hop: &Hop, authorization: &[u8]) -> Cha
     // never left to chance.
     let body = chain.body.as_ref().map(|(body, span)| {
         renamed_body(hop.upstream_model.as_deref(), &chain.model, body, span)
-            .unwrap_or_else(|| body.clone())
+            .unwrap_or_else(|| body.to_vec())
     });
     Changes {
         set: vec![
@@ -184,6 +184,8 @@ impl Drop for AttemptExchange {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    use bytes::Bytes;
 
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
     use envoy_types::pb::envoy::service::ext_proc::v3::common_response::ResponseStatus;
@@ -238,7 +240,7 @@ mod tests {
             route,
             "m".into(),
             "/v1/chat/completions".into(),
-            Some((body.to_vec(), model_span)),
+            Some((Bytes::copy_from_slice(body), model_span)),
             body.len(),
         );
         state.chains.register("client-id", request).0

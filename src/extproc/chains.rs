@@ -17,6 +17,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use crate::routes::{Hop, Route};
 
 /// The header both passes read the request's id from.
@@ -32,8 +34,9 @@ pub struct ChainRequest {
     /// prefixes it with its backend's path.
     pub path: Box<str>,
     /// The client's body and the span of its model, kept only when some
-    /// backend of the chain gets the model under another name.
-    pub body: Option<(Vec<u8>, Range<usize>)>,
+    /// backend of the chain gets the model under another name (a view of
+    /// the received message, not a copy).
+    pub body: Option<(Bytes, Range<usize>)>,
     /// The length of the client's body.
     pub body_len: usize,
     attempts: Mutex<Vec<Attempt>>,
@@ -54,7 +57,7 @@ impl ChainRequest {
         route: Route,
         model: Box<str>,
         path: Box<str>,
-        body: Option<(Vec<u8>, Range<usize>)>,
+        body: Option<(Bytes, Range<usize>)>,
         body_len: usize,
     ) -> Self {
         Self {

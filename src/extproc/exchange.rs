@@ -21,14 +21,16 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
 use envoy_types::pb::google::protobuf::Struct;
 use tonic::Status;
 
 use super::chains::ChainRequest;
 use super::headers::{header, request_head, response_status};
+use super::inbound::Inbound;
 use super::order::{Message, StreamOrder};
 use super::reply::{self, Changes, Destination};
 use super::report::{self, Completion};
@@ -145,10 +147,8 @@ impl Exchange {
     /// Answers one message from Envoy: exactly one answer per message, or a
     /// gRPC error (which ends the stream; Envoy fails the request closed)
     /// for a message out of order.
-    pub async fn on_message(
-        &mut self,
-        message: ProcessingRequest,
-    ) -> Result<ProcessingResponse, Status> {
+    pub async fn on_message(&mut self, inbound: Inbound) -> Result<ProcessingResponse, Status> {
+        let Inbound { message, body } = inbound;
         let started = Instant::now();
         let Some((kind, end_of_stream)) = kind_of(&message) else {
             return Err(Status::invalid_argument(
@@ -161,9 +161,9 @@ impl Exchange {
         }
         let answer = match message.request {
             Some(Request::RequestHeaders(h)) => self.on_request_headers(&h),
-            Some(Request::RequestBody(b)) => self.on_request_body(&b).await,
+            Some(Request::RequestBody(_)) => self.on_request_body(body).await,
             Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
-            Some(Request::ResponseBody(b)) => self.on_response_body(&b),
+            Some(Request::ResponseBody(b)) => self.on_response_body(&body, b.end_of_stream),
             // Trailers are never asked for, so `accept` refused them.
             _ => return Err(Status::failed_precondition("trailers are not processed")),
         };
@@ -211,7 +211,7 @@ impl Exchange {
         }
     }
 
-    async fn on_request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+    async fn on_request_body(&mut self, body: Bytes) -> ProcessingResponse {
         let Some(admitted) = &self.admitted else {
             // A GET decided by its path: a body it carries is passed along
             // unread and changes nothing.
@@ -225,15 +225,12 @@ impl Exchange {
         // Read on this worker even when large: handing a multi-MB scan to
         // another thread (`offload::heavy`) doubled its CPU and peak memory
         // (bench/RESULTS.md entry 29).
-        let forward = match decision::decide_body(
-            admitted,
-            &chunk.body,
-            &self.snapshot,
-            &self.state.provider_keys,
-        ) {
-            Ok(forward) => forward,
-            Err(e) => return self.answer(Answer::Error(e)),
-        };
+        let forward =
+            match decision::decide_body(admitted, &body, &self.snapshot, &self.state.provider_keys)
+            {
+                Ok(forward) => forward,
+                Err(e) => return self.answer(Answer::Error(e)),
+            };
         // Spend control: reserve before anything reaches the provider.
         let model = forward.model.as_deref().unwrap_or_default();
         let request = SpendRequest {
@@ -241,7 +238,7 @@ impl Exchange {
             model,
             upstream_model: forward.route.upstream_model.as_deref().unwrap_or(model),
             backend: &forward.route.backend.name,
-            body: &chunk.body,
+            body: &body,
             max_output_tokens: forward.max_output_tokens,
         };
         let reservation = match self
@@ -255,7 +252,7 @@ impl Exchange {
         };
         let (changes, chain) = match (&forward.target, &forward.route.chain) {
             (Target::Chain { model_span }, Some(name)) => {
-                let (id, chain) = self.register_chain(&forward, chunk, model_span);
+                let (id, chain) = self.register_chain(&forward, body, model_span);
                 let to = Destination::Chain { name, id: &id };
                 (reply::forward(&forward, to), Some((id, chain)))
             }
@@ -284,7 +281,7 @@ impl Exchange {
     fn register_chain(
         &self,
         forward: &Forward,
-        chunk: &HttpBody,
+        body: Bytes,
         model_span: &Range<usize>,
     ) -> (Box<str>, Arc<ChainRequest>) {
         let model = forward.model.clone().unwrap_or_default();
@@ -293,12 +290,13 @@ impl Exchange {
             .hops()
             .any(|h| h.upstream_model.as_deref().is_some_and(|u| u != &*model));
         let path = self.upstream_path.as_deref().unwrap_or(&self.head.path);
+        let body_len = body.len();
         let request = ChainRequest::new(
             forward.route.clone(),
             model,
             path.into(),
-            renames.then(|| (chunk.body.clone(), model_span.clone())),
-            chunk.body.len(),
+            renames.then(|| (body, model_span.clone())),
+            body_len,
         );
         self.state.chains.register(&self.head.request_id, request)
     }
@@ -386,17 +384,17 @@ impl Exchange {
         })
     }
 
-    fn on_response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+    fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) -> ProcessingResponse {
         let Some(response) = self.response.as_mut() else {
             return reply::response_body(Changes::default());
         };
-        if response.first_byte.is_none() && !chunk.body.is_empty() {
+        if response.first_byte.is_none() && !chunk.is_empty() {
             response.first_byte = Some(Instant::now());
         }
         if let Some(reader) = response.reader.as_mut() {
-            reader.push(&chunk.body);
+            reader.push(chunk);
         }
-        if !chunk.end_of_stream {
+        if !end_of_stream {
             return reply::response_body(Changes::default());
         }
         response.ended = true;

@@ -8,22 +8,25 @@
 //! are far smaller (headers, SSE chunks, short answers); the buffers grow
 //! when a large body comes, so 1 KiB to start costs nothing there.
 //!
+//! Messages are decoded by [`inbound::decode`], which leaves a body in
+//! the receive buffer instead of copying it out.
+//!
 //! The generated `ExternalProcessorServer` hard-codes the default codec, so
 //! this endpoint does its one job (route the `Process` method to the
-//! service through the smaller codec) and nothing else.
+//! service through this codec) and nothing else.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
-use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use tonic::codec::{BufferSettings, Codec};
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+use tonic_prost::{ProstCodec, ProstEncoder};
 
-use super::ExtProcService;
+use super::inbound::{self, Inbound};
+use super::service::{ExtProcService, ResponseStream};
 
 const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 /// Initial (and growth step of) each stream's codec buffers.
@@ -89,33 +92,52 @@ where
 /// service is a handle (an `Arc` inside): cloning it per call is cheap.
 struct Process(ExtProcService);
 
-impl StreamingService<ProcessingRequest> for Process {
+impl StreamingService<Inbound> for Process {
     type Response = ProcessingResponse;
-    type ResponseStream = <ExtProcService as ExternalProcessor>::ProcessStream;
+    type ResponseStream = ResponseStream;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
-    fn call(&mut self, request: Request<Streaming<ProcessingRequest>>) -> Self::Future {
+    fn call(&mut self, request: Request<Streaming<Inbound>>) -> Self::Future {
         let service = self.0.clone();
         Box::pin(async move { service.process(request).await })
     }
 }
 
-/// tonic's prost codec with [`BUFFER_BYTES`] buffers.
+/// tonic's prost encoder and the [`inbound`] decoder, with
+/// [`BUFFER_BYTES`] buffers.
 #[derive(Clone, Copy)]
 struct SmallBufferCodec;
 
 impl Codec for SmallBufferCodec {
     type Encode = ProcessingResponse;
-    type Decode = ProcessingRequest;
+    type Decode = Inbound;
     type Encoder = ProstEncoder<ProcessingResponse>;
-    type Decoder = ProstDecoder<ProcessingRequest>;
+    type Decoder = InboundDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_encoder(settings())
+        ProstCodec::<ProcessingResponse, ()>::raw_encoder(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_decoder(settings())
+        InboundDecoder
+    }
+}
+
+struct InboundDecoder;
+
+impl Decoder for InboundDecoder {
+    type Item = Inbound;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, Status> {
+        // As tonic's prost decoder says it.
+        inbound::decode(buf)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Envoy external processor: the gRPC service, the per-request state
 //! machine it drives, and the builders of Envoy's response messages.
 //!
-//! `grpc` serves the gRPC method; `service` only moves messages between
+//! `grpc` serves the gRPC method and `inbound` decodes Envoy's messages
+//! (a body stays in the receive buffer); `service` only moves messages between
 //! Envoy and an [`Exchange`] (the router pass, one per request) or an
 //! attempt (`attempt`, one per attempt on a fallback chain); `exchange`
 //! decides; `chains` is where the two passes of one request meet; `reply`
@@ -12,6 +13,7 @@ pub mod chains;
 mod exchange;
 mod grpc;
 pub mod headers;
+pub mod inbound;
 pub mod listener;
 mod order;
 mod reply;

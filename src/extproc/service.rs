@@ -11,13 +11,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
-use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use futures_util::stream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::attempt::AttemptExchange;
+use super::inbound::Inbound;
 use super::stream_auth::StreamAuth;
 use super::{Exchange, ATTEMPT_PASS, PASS_HEADER};
 use crate::state::GatewayState;
@@ -54,16 +54,15 @@ enum Pass {
     Attempt(AttemptExchange),
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+/// The answers of one stream, as tonic sends them.
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ResponseStream;
-
-    async fn process(
+impl ExtProcService {
+    /// The `Process` method: one stream, one request (or one attempt).
+    pub async fn process(
         &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
+        request: Request<Streaming<Inbound>>,
+    ) -> Result<Response<ResponseStream>, Status> {
         let attempt = request
             .metadata()
             .get(PASS_HEADER)
@@ -78,7 +77,8 @@ impl ExternalProcessor for ExtProcService {
             let answer = match inbound.next().await? {
                 Ok(message) => match &mut pass {
                     Pass::Router(exchange) => exchange.on_message(message).await,
-                    Pass::Attempt(attempt) => attempt.on_message(message),
+                    // Attempts see headers only: no body to keep apart.
+                    Pass::Attempt(attempt) => attempt.on_message(message.message),
                 },
                 Err(status) => Err(status),
             };

@@ -1,0 +1,488 @@
+//! One message from Envoy, with a body taken out of gRPC's receive buffer
+//! without a copy.
+//!
+//! Why: prost decodes a `bytes` field into a fresh `Vec<u8>` (envoy-types
+//! generates `HttpBody.body` that way), so while a request body of 8 MB
+//! is decoded the processor holds it twice, tonic's receive buffer and
+//! prost's vector, and spends a copy and its page faults on it (about a
+//! sixth of a large body's CPU, `bench/RESULTS.md` entry 19).
+//!
+//! The body has one place on the wire: field `body` of the `HttpBody` in
+//! `ProcessingRequest.request_body` or `.response_body`. [`decode`] finds
+//! it, hands it on as a [`Bytes`] slice of the receive buffer (tonic's
+//! buffer is a `BytesMut`, which splits without copying), and lets prost
+//! decode every other field. A message shaped in any other way (no
+//! body, a repeated field, a deprecated group, a buffer in pieces) is
+//! decoded by prost as a whole, so this never reads a message differently
+//! from prost: the `inbound` fuzz target checks exactly that.
+
+use std::ops::Range;
+
+use bytes::{Buf, Bytes};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request::Request, HttpBody, ProcessingRequest,
+};
+use prost::{DecodeError, Message};
+
+/// `ProcessingRequest` fields of its `request` oneof (headers, bodies,
+/// trailers of both directions).
+const REQUEST_ONEOF: Range<u64> = 2..8;
+const REQUEST_BODY_FIELD: u64 = 4;
+const RESPONSE_BODY_FIELD: u64 = 5;
+/// `HttpBody.body`.
+const BODY_FIELD: u64 = 1;
+
+const VARINT: u64 = 0;
+const FIXED64: u64 = 1;
+const LENGTH_DELIMITED: u64 = 2;
+const FIXED32: u64 = 5;
+
+/// A message from Envoy. For a body message, the body is in `body` and
+/// the `HttpBody` inside `message` has an empty `body`; for any other
+/// message `body` is empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inbound {
+    pub message: ProcessingRequest,
+    pub body: Bytes,
+}
+
+impl From<ProcessingRequest> for Inbound {
+    /// Moves the body out of a decoded message (a `Vec` becomes `Bytes`
+    /// without a copy).
+    fn from(mut message: ProcessingRequest) -> Self {
+        let body = match &mut message.request {
+            Some(Request::RequestBody(b) | Request::ResponseBody(b)) => {
+                Bytes::from(std::mem::take(&mut b.body))
+            }
+            _ => Bytes::new(),
+        };
+        Self { message, body }
+    }
+}
+
+/// Decodes the whole of `buf` (one gRPC message) as a `ProcessingRequest`.
+pub fn decode(buf: &mut impl Buf) -> Result<Inbound, DecodeError> {
+    let len = buf.remaining();
+    let Some(data) = buf.chunk().get(..len) else {
+        // In pieces: not tonic's buffer. prost reads pieces as they come.
+        return ProcessingRequest::decode(buf).map(Inbound::from);
+    };
+    let Some(at) = locate_body(data) else {
+        return ProcessingRequest::decode(buf).map(Inbound::from);
+    };
+    // Everything but the body, in wire order, decoded by prost: the
+    // message's fields around the body message, and the body message's
+    // fields around the body.
+    let rest = ProcessingRequest::decode(data[..at.field.start].chain(&data[at.field.end..]));
+    let http_body = HttpBody::decode(
+        data[at.payload.start..at.body_field.start].chain(&data[at.body.end..at.payload.end]),
+    );
+    let (Ok(mut message), Ok(http_body)) = (rest, http_body) else {
+        // prost refuses a piece: let it say why about the whole message.
+        return ProcessingRequest::decode(buf).map(Inbound::from);
+    };
+    message.request = Some(if at.response {
+        Request::ResponseBody(http_body)
+    } else {
+        Request::RequestBody(http_body)
+    });
+    buf.advance(at.body.start);
+    let body = buf.copy_to_bytes(at.body.len());
+    buf.advance(len - at.body.end);
+    Ok(Inbound { message, body })
+}
+
+/// Where the body sits in an encoded `ProcessingRequest`.
+#[derive(Debug, PartialEq)]
+struct BodyAt {
+    /// Whether it is `response_body` (else `request_body`).
+    response: bool,
+    /// The body message's field, key and length included.
+    field: Range<usize>,
+    /// The body message's own bytes.
+    payload: Range<usize>,
+    /// The `body` field within it, key and length included.
+    body_field: Range<usize>,
+    /// The body's bytes.
+    body: Range<usize>,
+}
+
+/// Finds the body of a message whose `request` is one body message with
+/// one `body` field; `None` for anything else (left to prost).
+fn locate_body(data: &[u8]) -> Option<BodyAt> {
+    let mut oneof = None;
+    let mut oneof_fields = 0;
+    for field in Fields::new(data) {
+        let field = field?;
+        if REQUEST_ONEOF.contains(&field.number) {
+            oneof_fields += 1;
+            oneof = Some(field);
+        }
+    }
+    let oneof = oneof.filter(|_| oneof_fields == 1)?;
+    let response = match (oneof.number, oneof.wire_type) {
+        (REQUEST_BODY_FIELD, LENGTH_DELIMITED) => false,
+        (RESPONSE_BODY_FIELD, LENGTH_DELIMITED) => true,
+        _ => return None,
+    };
+    let payload = oneof.value.clone();
+    let mut body = None;
+    for field in Fields::new(&data[payload.clone()]) {
+        let field = field?;
+        if field.number == BODY_FIELD {
+            if body.is_some() || field.wire_type != LENGTH_DELIMITED {
+                return None;
+            }
+            body = Some(field);
+        }
+    }
+    let body = body?;
+    let shift = |r: Range<usize>| r.start + payload.start..r.end + payload.start;
+    Some(BodyAt {
+        response,
+        field: oneof.whole,
+        body_field: shift(body.whole),
+        body: shift(body.value),
+        payload,
+    })
+}
+
+/// One field of an encoded message: its number, wire type, where it is
+/// whole and where its value is (for a length-delimited field, without
+/// the length).
+#[derive(Debug, Clone)]
+struct Field {
+    number: u64,
+    wire_type: u64,
+    whole: Range<usize>,
+    value: Range<usize>,
+}
+
+/// The top-level fields of an encoded message, in order. Yields `None`
+/// (and stops) at anything it cannot walk: a truncated field, field
+/// number 0, a group or an unknown wire type.
+struct Fields<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self { data, at: 0 }
+    }
+
+    fn next_field(&mut self) -> Option<Field> {
+        let start = self.at;
+        let mut rest = &self.data[start..];
+        let key = varint(&mut rest)?;
+        // prost refuses keys past 32 bits and field number 0.
+        if key > u64::from(u32::MAX) || key >> 3 == 0 {
+            return None;
+        }
+        let (number, wire_type) = (key >> 3, key & 7);
+        let offset = |rest: &[u8]| self.data.len() - rest.len();
+        let value = match wire_type {
+            VARINT => {
+                let value_start = offset(rest);
+                varint(&mut rest)?;
+                value_start..offset(rest)
+            }
+            FIXED64 | FIXED32 | LENGTH_DELIMITED => {
+                let len = match wire_type {
+                    FIXED64 => 8,
+                    FIXED32 => 4,
+                    _ => usize::try_from(varint(&mut rest)?).ok()?,
+                };
+                let value_start = offset(rest);
+                value_start..value_start.checked_add(len)?
+            }
+            _ => return None,
+        };
+        if value.end > self.data.len() {
+            return None;
+        }
+        self.at = value.end;
+        Some(Field {
+            number,
+            wire_type,
+            whole: start..value.end,
+            value,
+        })
+    }
+}
+
+impl Iterator for Fields<'_> {
+    type Item = Option<Field>;
+
+    fn next(&mut self) -> Option<Option<Field>> {
+        if self.at >= self.data.len() {
+            return None;
+        }
+        let field = self.next_field();
+        if field.is_none() {
+            // Nothing after an unreadable field can be trusted.
+            self.at = self.data.len();
+        }
+        Some(field)
+    }
+}
+
+/// A base-128 varint, as prost reads one (its public reader of length
+/// delimiters is that reader).
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    prost::decode_length_delimiter(buf)
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use bytes::BytesMut;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProtocolConfiguration};
+    use envoy_types::pb::google::protobuf::Struct;
+
+    fn request_body(body: &[u8], end_of_stream: bool) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody {
+                body: body.to_vec(),
+                end_of_stream,
+                ..HttpBody::default()
+            })),
+            ..ProcessingRequest::default()
+        }
+    }
+
+    /// Every field Envoy may send beside the body, on both sides of it
+    /// once encoded (prost writes fields in tag order: 2 to 7 before 8 to
+    /// 13).
+    fn with_everything(mut message: ProcessingRequest) -> ProcessingRequest {
+        message.metadata_context = Some(Metadata {
+            filter_metadata: [("envoy.lb".to_string(), Struct::default())].into(),
+            ..Metadata::default()
+        });
+        message.attributes =
+            [("envoy.filters.http.ext_proc".to_string(), Struct::default())].into();
+        message.observability_mode = true;
+        message.protocol_config = Some(ProtocolConfiguration {
+            request_body_mode: 1,
+            send_body_without_waiting_for_header_response: true,
+            ..ProtocolConfiguration::default()
+        });
+        message
+    }
+
+    fn field(number: u64, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encode_length_delimiter(((number << 3) | LENGTH_DELIMITED) as usize, &mut out)
+            .unwrap();
+        prost::encode_length_delimiter(value.len(), &mut out).unwrap();
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// What prost alone makes of `encoded`, as an [`Inbound`].
+    fn by_prost(encoded: &[u8]) -> Result<Inbound, DecodeError> {
+        ProcessingRequest::decode(encoded).map(Inbound::from)
+    }
+
+    /// Decodes `encoded` from a `BytesMut`, as tonic holds it: returns
+    /// the result and whether the body is a view of that buffer.
+    fn decode_in_place(encoded: &[u8]) -> (Result<Inbound, DecodeError>, bool) {
+        let mut buf = BytesMut::from(encoded);
+        let span = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let decoded = decode(&mut buf);
+        if decoded.is_ok() {
+            assert_eq!(buf.remaining(), 0, "the whole message is consumed");
+        }
+        let in_place = decoded.as_ref().is_ok_and(|d| {
+            let at = d.body.as_ptr() as usize;
+            !d.body.is_empty() && span.contains(&at) && at + d.body.len() <= span.end
+        });
+        (decoded, in_place)
+    }
+
+    #[test]
+    fn reads_every_message_as_prost_does_and_bodies_in_place() {
+        let big = vec![b'x'; 300_000];
+        let response = |body: &[u8]| ProcessingRequest {
+            request: Some(Request::ResponseBody(HttpBody {
+                body: body.to_vec(),
+                end_of_stream: true,
+                ..HttpBody::default()
+            })),
+            ..ProcessingRequest::default()
+        };
+        let headers = ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: ":path".into(),
+                        raw_value: b"/v1/chat/completions".to_vec(),
+                        ..HeaderValue::default()
+                    }],
+                }),
+                ..HttpHeaders::default()
+            })),
+            ..ProcessingRequest::default()
+        };
+        // (case, message, body read in place)
+        let cases: Vec<(&str, ProcessingRequest, bool)> = vec![
+            (
+                "request body",
+                request_body(br#"{"model":"m"}"#, true),
+                true,
+            ),
+            (
+                "request body, trailers follow",
+                request_body(b"{}", false),
+                true,
+            ),
+            ("large request body", request_body(&big, true), true),
+            ("empty request body", request_body(b"", true), false),
+            (
+                "request body and every other field",
+                with_everything(request_body(b"{}", true)),
+                true,
+            ),
+            ("response chunk", response(b"data: {}\n\n"), true),
+            (
+                "response chunk and every other field",
+                with_everything(response(&big)),
+                true,
+            ),
+            ("request headers", headers.clone(), false),
+            (
+                "headers and every other field",
+                with_everything(headers),
+                false,
+            ),
+            ("nothing", ProcessingRequest::default(), false),
+        ];
+        for (case, message, in_place) in cases {
+            let encoded = message.encode_to_vec();
+            let (ours, body_in_place) = decode_in_place(&encoded);
+            let ours = ours.unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(ours, by_prost(&encoded).unwrap(), "{case}");
+            assert_eq!(ours, Inbound::from(message), "{case}");
+            assert_eq!(body_in_place, in_place, "{case}: body read in place");
+        }
+    }
+
+    #[test]
+    fn odd_wire_shapes_read_as_prost_reads_them() {
+        let body_message = |payload: &[u8]| field(REQUEST_BODY_FIELD, payload);
+        let end_of_stream = [0x10, 0x01]; // field 2, varint 1
+        let unknown_fixed32 = [(9 << 3) | 5, 1, 2, 3, 4];
+        let unknown_fixed64 = [(9 << 3) | 1, 1, 2, 3, 4, 5, 6, 7, 8];
+        let group = [(9 << 3) | 3, (9 << 3) | 4];
+        let headers = field(2, &[]);
+        let cat = |parts: &[&[u8]]| parts.concat();
+        // (case, encoded, whether a body comes out)
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            (
+                "end_of_stream before the body",
+                body_message(&cat(&[&end_of_stream, &field(BODY_FIELD, b"abc")])),
+                true,
+            ),
+            (
+                "unknown fields around the body",
+                body_message(&cat(&[
+                    &unknown_fixed32,
+                    &field(BODY_FIELD, b"abc"),
+                    &unknown_fixed64,
+                ])),
+                true,
+            ),
+            (
+                "the body twice: prost keeps the last",
+                body_message(&cat(&[
+                    &field(BODY_FIELD, b"one"),
+                    &field(BODY_FIELD, b"two"),
+                ])),
+                true,
+            ),
+            (
+                "the body message twice: prost merges them",
+                cat(&[
+                    &body_message(&field(BODY_FIELD, b"one")),
+                    &body_message(&end_of_stream),
+                ]),
+                true,
+            ),
+            (
+                "headers then a body: the last oneof field wins",
+                cat(&[&headers, &body_message(&field(BODY_FIELD, b"abc"))]),
+                true,
+            ),
+            (
+                "a body then headers",
+                cat(&[&body_message(&field(BODY_FIELD, b"abc")), &headers]),
+                false,
+            ),
+            (
+                "a group beside the body",
+                body_message(&cat(&[&group, &field(BODY_FIELD, b"abc")])),
+                true,
+            ),
+            (
+                "the body field as a varint",
+                body_message(&[0x08, 0x01]),
+                false,
+            ),
+            (
+                "a body message without a body",
+                body_message(&end_of_stream),
+                false,
+            ),
+        ];
+        for (case, encoded, in_place) in cases {
+            let prost = by_prost(&encoded);
+            let (ours, _) = decode_in_place(&encoded);
+            assert_eq!(ours.is_ok(), prost.is_ok(), "{case}: {ours:?} / {prost:?}");
+            if let (Ok(ours), Ok(prost)) = (ours, prost) {
+                assert_eq!(ours, prost, "{case}");
+                assert_eq!(!ours.body.is_empty(), in_place, "{case}: has a body");
+            }
+        }
+    }
+
+    #[test]
+    fn broken_messages_get_prosts_error() {
+        let whole = request_body(b"{\"model\":\"m\"}", true).encode_to_vec();
+        let mut cases: Vec<(String, Vec<u8>)> = (1..whole.len())
+            .map(|cut| (format!("cut at {cut}"), whole[..cut].to_vec()))
+            .collect();
+        cases.push(("field number 0".into(), vec![0x02, 0x00]));
+        cases.push(("wire type 7".into(), vec![0x27]));
+        cases.push((
+            "a length past the end".into(),
+            vec![0x22, 0xff, 0xff, 0xff, 0xff, 0x0f],
+        ));
+        cases.push((
+            "an endless varint".into(),
+            vec![0x10; 1].into_iter().chain([0xff; 11]).collect(),
+        ));
+        for (case, encoded) in cases {
+            let prost = by_prost(&encoded);
+            let (ours, _) = decode_in_place(&encoded);
+            match (ours, prost) {
+                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "{case}"),
+                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "{case}"),
+                (ours, prost) => panic!("{case}: {ours:?} against prost's {prost:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_buffer_in_pieces_is_read_by_prost() {
+        let encoded = request_body(b"{\"model\":\"m\"}", true).encode_to_vec();
+        let (head, tail) = encoded.split_at(5);
+        let mut pieces = head.chain(tail);
+        let decoded = decode(&mut pieces).unwrap();
+        assert_eq!(decoded, by_prost(&encoded).unwrap());
+        assert_eq!(pieces.remaining(), 0);
+    }
+}
