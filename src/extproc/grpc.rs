@@ -123,6 +123,8 @@ impl Codec for SmallBufferCodec {
     }
 }
 
+/// Each message through [`inbound::decode`]; one prost refuses ends the
+/// stream with `INTERNAL`, as tonic's prost decoder ends it.
 struct InboundDecoder;
 
 impl Decoder for InboundDecoder {
@@ -130,7 +132,6 @@ impl Decoder for InboundDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, Status> {
-        // As tonic's prost decoder says it.
         inbound::decode(buf)
             .map(Some)
             .map_err(|e| Status::internal(e.to_string()))
