@@ -26,16 +26,16 @@ use prost::{DecodeError, Message};
 
 /// `ProcessingRequest` fields of its `request` oneof (headers, bodies,
 /// trailers of both directions).
-const REQUEST_ONEOF: Range<u64> = 2..8;
-const REQUEST_BODY_FIELD: u64 = 4;
-const RESPONSE_BODY_FIELD: u64 = 5;
+const REQUEST_ONEOF: Range<usize> = 2..8;
+const REQUEST_BODY_FIELD: usize = 4;
+const RESPONSE_BODY_FIELD: usize = 5;
 /// `HttpBody.body`.
-const BODY_FIELD: u64 = 1;
+const BODY_FIELD: usize = 1;
 
-const VARINT: u64 = 0;
-const FIXED64: u64 = 1;
-const LENGTH_DELIMITED: u64 = 2;
-const FIXED32: u64 = 5;
+const VARINT: usize = 0;
+const FIXED64: usize = 1;
+const LENGTH_DELIMITED: usize = 2;
+const FIXED32: usize = 5;
 
 /// A message from Envoy. For a body message, the body is in `body` and
 /// the `HttpBody` inside `message` has an empty `body`; for any other
@@ -150,10 +150,10 @@ fn locate_body(data: &[u8]) -> Option<BodyAt> {
 /// One field of an encoded message: its number, wire type, where it is
 /// whole and where its value is (for a length-delimited field, without
 /// the length).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Field {
-    number: u64,
-    wire_type: u64,
+    number: usize,
+    wire_type: usize,
     whole: Range<usize>,
     value: Range<usize>,
 }
@@ -176,7 +176,7 @@ impl<'a> Fields<'a> {
         let mut rest = &self.data[start..];
         let key = varint(&mut rest)?;
         // prost refuses keys past 32 bits and field number 0.
-        if key > u64::from(u32::MAX) || key >> 3 == 0 {
+        if u32::try_from(key).is_err() || key >> 3 == 0 {
             return None;
         }
         let (number, wire_type) = (key >> 3, key & 7);
@@ -191,7 +191,7 @@ impl<'a> Fields<'a> {
                 let len = match wire_type {
                     FIXED64 => 8,
                     FIXED32 => 4,
-                    _ => usize::try_from(varint(&mut rest)?).ok()?,
+                    _ => varint(&mut rest)?,
                 };
                 let value_start = offset(rest);
                 value_start..value_start.checked_add(len)?
@@ -228,11 +228,10 @@ impl Iterator for Fields<'_> {
 }
 
 /// A base-128 varint, as prost reads one (its public reader of length
-/// delimiters is that reader).
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    prost::decode_length_delimiter(buf)
-        .ok()
-        .and_then(|n| u64::try_from(n).ok())
+/// delimiters is that reader). A varint past `usize` is `None`: on a
+/// 32-bit target prost then reads the message whole.
+fn varint(buf: &mut &[u8]) -> Option<usize> {
+    prost::decode_length_delimiter(buf).ok()
 }
 
 #[cfg(test)]
@@ -274,10 +273,9 @@ mod tests {
         message
     }
 
-    fn field(number: u64, value: &[u8]) -> Vec<u8> {
+    fn field(number: usize, value: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        prost::encode_length_delimiter(((number << 3) | LENGTH_DELIMITED) as usize, &mut out)
-            .unwrap();
+        prost::encode_length_delimiter((number << 3) | LENGTH_DELIMITED, &mut out).unwrap();
         prost::encode_length_delimiter(value.len(), &mut out).unwrap();
         out.extend_from_slice(value);
         out

@@ -126,7 +126,7 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
 
 /// The body as text. A context of several MB is mostly ASCII: SIMD
 /// validation reads it several times faster than `std` does (std's check
-/// was 13 % of a large body's CPU, `bench/RESULTS.md` entry 31); std only
+/// was 13 % of a large body's CPU, `bench/RESULTS.md` entry 32); std only
 /// says where an invalid body goes wrong.
 fn utf8(body: &[u8]) -> Result<&str, BodyError> {
     simdutf8::basic::from_utf8(body).map_err(|_| {
