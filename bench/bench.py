@@ -917,6 +917,12 @@ def body_rows(procs, workdir, a):
     ext = start_extproc(procs, cfg, "bodies")
     url_b = start_envoy(procs, workdir, "bodies", render(cfg))
     url_a = start_envoy(procs, workdir, "bodies-alone", plain_envoy(render(cfg)))
+    # The floor: the null processor receives the same body in the same
+    # message and answers without reading it. Its CPU is what receiving a
+    # body over gRPC costs (HTTP/2 frames, tonic, prost's copy) before any
+    # of the gateway's own work.
+    url_f = start_envoy(procs, workdir, "bodies-floor", start_null_extproc(procs, workdir, port, "bodies-floor"))
+    null = next(p for n, p in procs.procs if n == "null-extproc-bodies-floor")
     rows = []
     # Contexts in other languages than English are not ASCII: UTF-8
     # validation and the JSON scan meet multi-byte characters there.
@@ -927,22 +933,31 @@ def body_rows(procs, workdir, a):
         content = (words * size)[:(size - 64) * len(words) // len(words.encode())]
         body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]},
                           ensure_ascii=False).encode()
-        for u in (url_a, url_b):
+        for u in (url_a, url_b, url_f):
             sequential_ms(u, 3, body=body)
-        lat_a, lat_b, cpu = [], [], []
+        lat_a, lat_b, lat_f, cpu, cpu_f = [], [], [], [], []
         for _ in range(a.rounds):
             lat_a += sequential_ms(url_a, n, body=body)
             c0 = thread_cpu_seconds(ext.pid)
             lat_b += sequential_ms(url_b, n, body=body)
             cpu.append((thread_cpu_seconds(ext.pid) - c0) / n * 1e3)
+            c0 = thread_cpu_seconds(null.pid)
+            lat_f += sequential_ms(url_f, n, body=body)
+            cpu_f.append((thread_cpu_seconds(null.pid) - c0) / n * 1e3)
         pa, pb, c = statistics.median(lat_a), statistics.median(lat_b), statistics.median(cpu)
+        pf, cf = statistics.median(lat_f), statistics.median(cpu_f)
+        mb = len(body) / 1e6
         label = f"{size / 1e6:g} MB" if size >= 1_000_000 else f"{size / 1e3:g} KB"
         if words != "x":
             label += " of non-ASCII text"
         rows.append((f"chat body {label}, one request at a time: p50 (ms); processor CPU per request",
                      f"{pa:.2f}", f"{pb:.2f}; CPU {c:.2f} ms",
-                     f"added {pb - pa:+.2f} ms; CPU {c / (len(body) / 1e6):.2f} ms per MB", "< 0.5 ms per MB"))
-    rows.append(("processor peak RSS after the 8 MB bodies", "", f"{peak_rss_mib(ext.pid):.1f} MiB", "", ""))
+                     f"added {pb - pa:+.2f} ms; CPU {c / mb:.2f} ms per MB", "< 0.5 ms per MB"))
+        rows.append((f"floor: null processor, chat body {label}: p50 (ms); its CPU per request",
+                     f"{pa:.2f}", f"{pf:.2f}; CPU {cf:.2f} ms",
+                     f"added {pf - pa:+.2f} ms; CPU {cf / mb:.2f} ms per MB; gateway over floor {(c - cf) / mb:+.2f}", ""))
+    rows.append(("processor peak RSS after the 8 MB bodies (the null processor's)", "",
+                 f"{peak_rss_mib(ext.pid):.1f} MiB ({peak_rss_mib(null.pid):.1f})", "", ""))
     return rows
 
 
