@@ -388,6 +388,69 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     return rows
 
 
+def response_observer(bootstrap):
+    """The performance issue's first candidate, on the floor: the ext_proc
+    filter keeps the request phases, and a second one after it sees the
+    response in `observability_mode` (Envoy sends the response messages and
+    does not wait for answers, nor apply them). `observability_mode` is a
+    whole filter's setting, so the response side is a second gRPC stream."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    at = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_proc")
+    requests = filters[at]["typed_config"]
+    observer = json.loads(json.dumps(requests))
+    requests["processing_mode"].update(response_header_mode="SKIP", response_body_mode="NONE")
+    observer["processing_mode"].update(request_header_mode="SKIP", request_body_mode="NONE")
+    observer["observability_mode"] = True
+    observer.pop("send_body_without_waiting_for_header_response", None)
+    # Envoy holds an observer's stream open after the request ends, for
+    # `deferred_close_timeout` (5 s by default): at 4,000 req/s that is
+    # 20,000 open streams, and the processor cluster's limit of 20,000
+    # turned the rest into 500s (seen). 200 ms keeps the count low enough
+    # to measure the best case.
+    observer["deferred_close_timeout"] = "0.2s"
+    filters.insert(at + 1, {"name": "ai-gateway.response-observer", "typed_config": observer})
+    bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    return bootstrap
+
+
+def observer_rows(procs, workdir, up, a, alternate):
+    """The null processor as the gateway uses Envoy (A) against the same
+    processor with the response phases in a second filter in observability
+    mode (B): what the candidate can win at best, before any processor
+    work. Envoy's instructions per request, throughput, p50 at 1,000
+    req/s and a stream's time to first byte, alternating."""
+    url_e = start_envoy(procs, workdir, "obs-alone", plain_envoy(render(gateway_config(workdir, up, "uds", "obsa")[0])))
+    now = start_null_extproc(procs, workdir, up, "obs-now")
+    split = response_observer(start_null_extproc(procs, workdir, up, "obs-split"))
+    ia = envoy_instructions(procs, workdir, "obs-now", json.loads(json.dumps(now)), a.instruction_requests)
+    ib = envoy_instructions(procs, workdir, "obs-split", json.loads(json.dumps(split)), a.instruction_requests)
+    url_a = start_envoy(procs, workdir, "obs-now", now)
+    url_b = start_envoy(procs, workdir, "obs-split", split)
+    urls = [url_e, url_a, url_b]
+    for u in urls:
+        oha(u, 2, a.connections, CHAT)
+    r = dict(zip(urls, alternate(urls, body=CHAT)[0]))
+    lat = dict(zip(urls, alternate(urls, body=CHAT, rate=1000)[0]))
+    ttfb = {u: [] for u in urls}
+    for _ in range(a.rounds):
+        for u in urls:
+            ttfb[u] += ttfb_samples(u, 200)
+    t = {u: statistics.median(v) for u, v in ttfb.items()}
+    base, tbase = lat[url_e]["p50"], t[url_e]
+    return [
+        ("null processor, all phases in one filter (A) / response phases in an observability-mode filter (B): "
+         "Envoy instructions per request", f"{ia / 1000:,.0f} k", f"{ib / 1000:,.0f} k", f"B/A {ib / ia:.3f}", ""),
+        (f"the same: chat throughput (req/s); Envoy alone {r[url_e]['rps']:,.0f}", f"{r[url_a]['rps']:,.0f}",
+         f"{r[url_b]['rps']:,.0f}", f"B/A {r[url_b]['rps'] / r[url_a]['rps']:.2f}", ""),
+        (f"the same: chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms",
+         f"{lat[url_a]['p50'] - base:+.2f} ms", f"{lat[url_b]['p50'] - base:+.2f} ms",
+         f"{lat[url_b]['p50'] - lat[url_a]['p50']:+.2f} ms", ""),
+        (f"the same: stream time to first byte, p50 added to Envoy alone's {tbase:.2f} ms",
+         f"{t[url_a] - tbase:+.2f} ms", f"{t[url_b] - tbase:+.2f} ms", f"{t[url_b] - t[url_a]:+.2f} ms", ""),
+    ]
+
+
 def instruction_rows(procs, workdir, up, n, counts):
     """Envoy's instructions per request under callgrind: Envoy alone, the
     gateway as configured by default, the gateway with
@@ -1061,7 +1124,7 @@ def main():
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
     ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds",
-                                       "instructions", "latency"],
+                                       "instructions", "latency", "observer"],
                     default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
@@ -1069,7 +1132,9 @@ def main():
                          "xds: only the config-edit-to-Envoy rows (dynamic bootstrap); "
                          "instructions: only Envoy's instructions per request under callgrind, --rounds counts each; "
                          "latency: only throughput, p50 at 1,000 req/s and time to first byte, one and two "
-                         "processor worker threads against the floor")
+                         "processor worker threads against the floor; "
+                         "observer: the null processor with the response phases in a second, observability-mode "
+                         "filter against it as configured today")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -1113,6 +1178,9 @@ def main():
             raise _Done
         if a.only == "latency":
             rows += latency_rows(procs, workdir, up, a, alternate)
+            raise _Done
+        if a.only == "observer":
+            rows += observer_rows(procs, workdir, up, a, alternate)
             raise _Done
         if a.only == "instructions":
             rows += instruction_rows(procs, workdir, up, a.instruction_requests, counts=a.rounds)
@@ -1223,6 +1291,9 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
+    elif a.only == "observer":
+        columns = ("| measure | A: null processor, all phases in one filter | B: response phases in an observer filter "
+                   "| B vs A | target |")
     elif a.only in ("fallback", "keys", "http2", "bodies", "streams", "xds", "instructions", "latency"):
         columns = "| measure | A | B | B vs A | target |"
     else:
