@@ -88,9 +88,7 @@ impl StreamingService<Phased> for NullProcessor {
                 Some(Phase::RequestBody(_)) => Out::RequestBody(BodyResponse {
                     response: Some(route_to(&backend)),
                 }),
-                Some(Phase::ResponseHeaders(_)) => {
-                    Out::ResponseHeaders(HeadersResponse::default())
-                }
+                Some(Phase::ResponseHeaders(_)) => Out::ResponseHeaders(HeadersResponse::default()),
                 Some(Phase::ResponseBody(_)) => Out::ResponseBody(BodyResponse::default()),
                 _ => return Err(Status::invalid_argument("unexpected message")),
             };

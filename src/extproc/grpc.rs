@@ -145,3 +145,61 @@ impl Decoder for InboundDecoder {
 fn settings() -> BufferSettings {
     BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        processing_request::Request as In, HttpBody, ProcessingRequest,
+    };
+    use prost::Message;
+    use tonic::codec::Codec;
+    use tonic::Streaming;
+
+    use super::SmallBufferCodec;
+    use crate::extproc::inbound::Inbound;
+
+    /// One gRPC frame: the uncompressed flag, the length, the message.
+    fn framed(message: &ProcessingRequest) -> Bytes {
+        let encoded = message.encode_to_vec();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&encoded);
+        Bytes::from(frame)
+    }
+
+    /// The served codec is the in-place decoder, not prost and a move
+    /// afterwards: the behaviour would be the same and only memory would
+    /// tell. A body read in place is a view that shares the stream's
+    /// receive buffer (not unique while the stream lives); a body prost
+    /// decoded is a vector of its own (unique).
+    #[tokio::test]
+    async fn the_served_codec_leaves_a_body_in_the_receive_buffer() {
+        let message = ProcessingRequest {
+            request: Some(In::RequestBody(HttpBody {
+                body: vec![b'x'; 100_000],
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let body = http_body_util::Full::new(framed(&message));
+        let decoder = SmallBufferCodec.decoder();
+        let mut stream: Streaming<Inbound> =
+            Streaming::new_request(decoder, body, None, Some(1 << 20));
+        let inbound = stream.message().await.unwrap().unwrap();
+        assert_eq!(inbound, Inbound::from(message.clone()));
+        assert!(
+            !inbound.body.is_unique(),
+            "the body was copied out of the receive buffer"
+        );
+
+        let copied =
+            Inbound::from(ProcessingRequest::decode(message.encode_to_vec().as_slice()).unwrap());
+        assert!(
+            copied.body.is_unique(),
+            "the check cannot tell a copy apart"
+        );
+        drop(stream);
+    }
+}
