@@ -414,6 +414,69 @@ def response_observer(bootstrap):
     return bootstrap
 
 
+PHASE_FIELDS = (("request headers", "request_header_latency_us"), ("request body", "request_body_total_latency_us"),
+                ("response headers", "response_header_latency_us"), ("response body", "response_body_total_latency_us"))
+
+
+def with_phase_latencies(bootstrap):
+    """Envoy's access log also gets the ext_proc filter's own round-trip
+    time per phase (its filter state): from sending a message to the
+    processor to taking its answer, as Envoy measures it."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    for _, field in PHASE_FIELDS:
+        fmt[field] = f"%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:{field})%"
+    return bootstrap
+
+
+def phase_latencies(logfile, n, timeout=30.0):
+    """Medians of the last `n` access log lines' phase round trips (µs).
+    Envoy writes its log in batches: wait until `n` lines are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = []
+        for line in logfile.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if all(str(row.get(f, "-")).isdigit() for _, f in PHASE_FIELDS):
+                rows.append(row)
+        if len(rows) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(rows) < n:
+        raise SystemExit(f"bench: {logfile.name} has {len(rows)} lines with phase latencies, not {n}")
+    rows = rows[-n:]
+    return {name: statistics.median(int(r[f]) for r in rows) for name, f in PHASE_FIELDS}
+
+
+def phase_rows(procs, workdir, up, a):
+    """Where a stream's time to first byte goes, phase by phase: Envoy's
+    own round trip to the processor for each of the four messages, the
+    gateway against the null processor, over `rounds` alternating rounds
+    of 300 sequential streams."""
+    cfg, _ = gateway_config(workdir, up, "uds", name="phases")
+    start_extproc(procs, cfg, "phases")
+    url_b = start_envoy(procs, workdir, "phases-b", with_phase_latencies(render(cfg)))
+    url_f = start_envoy(procs, workdir, "phases-f",
+                        with_phase_latencies(start_null_extproc(procs, workdir, up, "phases-floor")))
+    for u in (url_b, url_f):
+        ttfb_samples(u, 50)
+    ttfb = {url_b: [], url_f: []}
+    for _ in range(a.rounds):
+        for u in ttfb:
+            ttfb[u] += ttfb_samples(u, 300)
+    n = 300 * a.rounds
+    b = phase_latencies(procs.logdir / "envoy-phases-b.log", n)
+    f = phase_latencies(procs.logdir / "envoy-phases-f.log", n)
+    rows = [(f"stream: {name} round trip as Envoy measures it, p50 (µs)", f"{f[name]:.0f}", f"{b[name]:.0f}",
+             f"{b[name] - f[name]:+.0f} µs", "") for name, _ in PHASE_FIELDS]
+    tb, tf = statistics.median(ttfb[url_b]), statistics.median(ttfb[url_f])
+    rows.append(("stream: time to first byte, p50 (ms)", f"{tf:.2f}", f"{tb:.2f}", f"{tb - tf:+.2f} ms", "≤ +0 ms"))
+    return rows
+
+
 def observer_rows(procs, workdir, up, a, alternate):
     """The null processor as the gateway uses Envoy (A) against the same
     processor with the response phases in a second filter in observability
@@ -1124,7 +1187,7 @@ def main():
     ap.add_argument("--instruction-requests", type=int, default=400,
                     help="requests per callgrind count")
     ap.add_argument("--only", choices=["all", "spend", "fallback", "keys", "http2", "bodies", "streams", "xds",
-                                       "instructions", "latency", "observer"],
+                                       "instructions", "latency", "observer", "phases"],
                     default="all",
                     help="spend: only the spend-control rows (a key with limits vs without); "
                          "fallback: only the fallback rows; keys: only the key-reload rows, one per file layout; http2: only the HTTP/1.1 vs HTTP/2 rows against an HTTPS provider; "
@@ -1134,7 +1197,9 @@ def main():
                          "latency: only throughput, p50 at 1,000 req/s and time to first byte, one and two "
                          "processor worker threads against the floor; "
                          "observer: the null processor with the response phases in a second, observability-mode "
-                         "filter against it as configured today")
+                         "filter against it as configured today; "
+                         "phases: a stream's four ext_proc round trips as Envoy measures them, gateway against "
+                         "the null processor")
     ap.add_argument("--baseline", type=pathlib.Path,
                     help="an older ai-gateway-extproc binary: the fallback rows compare a model without a chain "
                          "on it and on this one")
@@ -1178,6 +1243,9 @@ def main():
             raise _Done
         if a.only == "latency":
             rows += latency_rows(procs, workdir, up, a, alternate)
+            raise _Done
+        if a.only == "phases":
+            rows += phase_rows(procs, workdir, up, a)
             raise _Done
         if a.only == "observer":
             rows += observer_rows(procs, workdir, up, a, alternate)
@@ -1291,6 +1359,8 @@ def write_results(a, rows):
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     if a.only == "spend":
         columns = "| measure | A: a gateway key without limits | B: the same key with limits | B vs A | target |"
+    elif a.only == "phases":
+        columns = "| measure | A: null processor | B: ai-gateway-extproc | B vs A | target |"
     elif a.only == "observer":
         columns = ("| measure | A: null processor, all phases in one filter | B: response phases in an observer filter "
                    "| B vs A | target |")
