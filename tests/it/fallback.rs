@@ -341,7 +341,7 @@ async fn usage_and_spend_are_counted_for_the_backend_that_answered() {
         .post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let metrics = gw.admin_get("/metrics").await.text();
+    let metrics = gw.metrics_after(1).await;
     let spent = crate::support::metric(
         &metrics,
         "ai_gateway_spend_usd_total{",

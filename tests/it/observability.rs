@@ -39,7 +39,7 @@ async fn streamed_chat_shows_up_in_metrics_logs_and_access_log() {
         .await;
     assert_eq!(reply.status, 200);
 
-    let m = gw.admin_get("/metrics").await.text();
+    let m = gw.metrics_after(1).await;
     let genai = [
         r#"gen_ai_request_model="gpt-4o-mini""#,
         r#"gen_ai_response_model="gpt-4o-mini""#,

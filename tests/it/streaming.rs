@@ -85,7 +85,7 @@ async fn client_gets_exactly_the_stream_it_asked_for() {
     assert!(all.iter().all(|e| !e.contains("usage")), "{all:?}");
 
     // The usage the provider cannot report is counted as missing.
-    let metrics = gw.admin_get("/metrics").await.text();
+    let metrics = gw.metrics_after(1).await;
     assert!(
         metrics.contains(
             r#"ai_gateway_usage_unavailable_total{backend="tars",reason="not_reported"} 1"#
@@ -122,7 +122,7 @@ async fn gzip_streams_and_bodies_pass_intact_and_are_metered() {
     let answer: Value = serde_json::from_str(&gunzip(&reply.body)).unwrap();
     assert_eq!(answer["usage"]["total_tokens"], 13);
 
-    let metrics = gw.admin_get("/metrics").await.text();
+    let metrics = gw.metrics_after(2).await;
     let input_sum = metrics
         .lines()
         .find(|l| {
@@ -163,7 +163,7 @@ async fn content_length_responses_are_streamed_whole() {
             .map(str::len),
         Some(300_000)
     );
-    let metrics = gw.admin_get("/metrics").await.text();
+    let metrics = gw.metrics_after(1).await;
     assert!(
         metrics.contains(r#"gen_ai_token_type="output""#),
         "{metrics}"

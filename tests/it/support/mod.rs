@@ -741,6 +741,26 @@ impl Gateway {
         Reply::read(resp).await
     }
 
+    /// The processor's metrics once `requests` exchanges have been
+    /// reported. An exchange is reported when its stream ends, just after
+    /// the answer the client waits for (so the report does not delay it),
+    /// metrics first and then its request line: the lines say when.
+    pub async fn metrics_after(&self, requests: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.extproc_logs();
+            let reported = logs.lines().filter(|l| l.contains(" request ")).count();
+            if reported >= requests {
+                return self.admin_get("/metrics").await.text();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{reported} of {requests} request lines:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The value of the processor's metric line that starts with `series`
     /// (a name, or a name with its labels).
     pub async fn metric(&self, series: &str) -> Option<f64> {
