@@ -744,12 +744,18 @@ impl Gateway {
     /// The processor's metrics once `requests` exchanges have been
     /// reported. An exchange is reported when its stream ends, just after
     /// the answer the client waits for (so the report does not delay it),
-    /// metrics first and then its request line: the lines say when.
+    /// metrics first and then its request line: the lines say when. The
+    /// line is matched by its message and first field, not by the word
+    /// alone (other lines say "the request" too, an upstream error's
+    /// before the report).
     pub async fn metrics_after(&self, requests: usize) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let logs = self.extproc_logs();
-            let reported = logs.lines().filter(|l| l.contains(" request ")).count();
+            let reported = logs
+                .lines()
+                .filter(|l| l.contains(" request request_id="))
+                .count();
             if reported >= requests {
                 return self.admin_get("/metrics").await.text();
             }
