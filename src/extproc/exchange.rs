@@ -63,8 +63,10 @@ pub struct Exchange {
     response: Option<ResponseSeen>,
     /// Set when the gateway answered itself.
     own_answer: Option<OwnAnswer>,
-    /// The request line was logged and metrics recorded.
-    reported: bool,
+    /// When the gateway gave its last answer: the response's end, or its
+    /// own answer. The exchange is reported later, when the stream closes
+    /// (see `Drop`), so that the report never delays an answer.
+    finished: Option<Instant>,
 }
 
 struct Forwarded {
@@ -99,8 +101,8 @@ struct ResponseSeen {
     first_byte: Option<Instant>,
     /// What the finished body told.
     observed: Option<Observed>,
-    /// When the response's last message was seen, if it was.
-    ended: Option<Instant>,
+    /// The response has ended (its last message was seen).
+    ended: bool,
 }
 
 /// The kind of a message, and its end-of-stream flag.
@@ -140,7 +142,7 @@ impl Exchange {
             forwarded: None,
             response: None,
             own_answer: None,
-            reported: false,
+            finished: None,
         }
     }
 
@@ -326,7 +328,7 @@ impl Exchange {
         };
         self.own_answer = Some(own);
         self.order.answered();
-        self.report();
+        self.finished.get_or_insert_with(Instant::now);
         reply
     }
 
@@ -365,8 +367,11 @@ impl Exchange {
             }),
             first_byte: None,
             observed: None,
-            ended: h.end_of_stream.then(Instant::now),
+            ended: h.end_of_stream,
         });
+        if h.end_of_stream {
+            self.finished.get_or_insert_with(Instant::now);
+        }
         if failed {
             // Nothing was generated: the tokens go back, the request counts.
             self.settle(Settlement::UpstreamFailed);
@@ -397,7 +402,8 @@ impl Exchange {
         if !end_of_stream {
             return reply::response_body(Changes::default());
         }
-        response.ended = Some(Instant::now());
+        response.ended = true;
+        self.finished.get_or_insert_with(Instant::now);
         // A body the gateway does not read (an error, a model list) passes
         // as it is; the exchange is reported when Envoy closes the stream.
         let (Some(reader), Some(fwd)) = (response.reader.take(), self.forwarded.as_ref()) else {
@@ -426,12 +432,8 @@ impl Exchange {
         } else {
             Settlement::Used(&usage)
         });
-        // The report (metrics and the request line) waits for the end of
-        // the stream, after this answer: with a one-chunk response this is
-        // the answer the client waits for, and recording up to eight
-        // metric series cost it about 40 µs (`bench/RESULTS.md` entry 42).
-        // The spend is settled above, before the next request can be
-        // admitted.
+        // The spend is settled before this answer: the next request's
+        // admission must see it. The report waits for the stream's end.
         reply::with_metadata(reply::response_body(Changes::default()), metadata)
     }
 
@@ -495,17 +497,15 @@ impl Exchange {
             (Some(OwnAnswer::Refused { .. }), _) => Outcome::Rejected,
             (Some(OwnAnswer::Models), _) => Outcome::Answered,
             (None, Some(r)) if r.status >= 400 => Outcome::UpstreamError,
-            (None, Some(r)) if r.ended.is_some() => Outcome::Success,
+            (None, Some(r)) if r.ended => Outcome::Success,
             // Cut short: the response never ended, or never began.
             (None, _) => Outcome::Cancelled,
         }
     }
 
-    /// Logs the request line and records metrics, once per exchange.
-    fn report(&mut self) {
-        if std::mem::replace(&mut self.reported, true) {
-            return;
-        }
+    /// Logs the request line and records metrics: once, when the stream
+    /// closes.
+    fn report(&self) {
         let fwd = self.forwarded.as_ref();
         let response = self.response.as_ref();
         let attempts = fwd
@@ -547,9 +547,9 @@ impl Exchange {
                 limit,
                 outcome: self.outcome(),
                 observed: response.and_then(|r| r.observed.as_ref()),
-                // To the response's end, not to when the stream closed.
-                duration: response
-                    .and_then(|r| r.ended)
+                // To the last answer, not to when the stream closed.
+                duration: self
+                    .finished
                     .unwrap_or_else(Instant::now)
                     .saturating_duration_since(self.started),
                 time_to_first_byte: response
@@ -573,13 +573,16 @@ impl From<Forward> for Forwarded {
 }
 
 impl Drop for Exchange {
-    /// Envoy closes the stream when the HTTP exchange is over: what has not
-    /// been reported yet is reported now, with how it ended.
+    /// Envoy closes the stream when the HTTP exchange is over, just after
+    /// the gateway's last answer: the exchange is reported now, with how it
+    /// ended. Not before that answer: with a one-chunk response (every
+    /// plain chat) the client waits for it, and recording up to eight
+    /// metric series cost it about 40 µs (`bench/RESULTS.md` entry 42).
     fn drop(&mut self) {
         // Cut short (the client left, a reset): the usage is unknown, so
         // the reservation stands as the charge.
         self.settle(Settlement::Unknown);
-        if !self.reported && self.order.started() {
+        if self.order.started() {
             self.report();
         }
         if let Some((id, _)) = self.forwarded.as_ref().and_then(|f| f.chain.as_ref()) {
