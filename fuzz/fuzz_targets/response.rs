@@ -1,8 +1,10 @@
 //! The response reader (content decoding, SSE or JSON, usage): never
-//! panics, whatever the bytes and the headers claim.
+//! panics, whatever the bytes and the headers claim; and the filter that
+//! spares stream events a parse never turns down one that reports usage.
 #![no_main]
 
 use ai_gateway_extproc::openai::response::ResponseReader;
+use ai_gateway_extproc::openai::usage::{may_report_usage, observe};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,4 +23,8 @@ fuzz_target!(|data: &[u8]| {
         reader.push(chunk);
     }
     let _ = reader.finish();
+    // A key written with escapes is the filter's stated blind spot.
+    if !body.contains(&b'\\') && !observe(body).usage.is_empty() {
+        assert!(may_report_usage(body), "an event with usage was turned down");
+    }
 });

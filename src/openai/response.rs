@@ -12,7 +12,7 @@ use std::io::Write;
 use flate2::write::{GzDecoder, ZlibDecoder};
 
 use super::sse::SseParser;
-use super::usage::{observe, observe_window, Observed, UsageGap};
+use super::usage::{may_report_usage, observe, observe_window, Observed, UsageGap};
 
 /// JSON bodies up to this size are parsed whole.
 pub const FULL_JSON_BYTES: usize = 4 * 1024 * 1024;
@@ -120,7 +120,7 @@ impl ResponseReader {
                 // Only events that can carry news are parsed: every chunk
                 // names the model, but it is read once; usage is rarer.
                 let wants_model = observed.model.is_none();
-                if wants_model || memchr::memmem::find(data, b"\"usage\"").is_some() {
+                if wants_model || may_report_usage(data) {
                     observed.merge(observe(data));
                 }
             }),

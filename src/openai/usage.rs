@@ -22,6 +22,9 @@
 //!
 //! Only the fields named here are read; everything else is skipped.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// Token counts of one exchange; `None` where the provider said nothing.
@@ -213,6 +216,27 @@ pub fn observe_window(head: &[u8], tail: &[u8]) -> Observed {
     Observed { model, usage }
 }
 
+/// Whether a stream event may report usage: some `"usage"` in it is a
+/// key whose value is not `null`.
+///
+/// Why: OpenAI streams with `stream_options.include_usage` (and the
+/// Responses API's events) carry `"usage": null` in every event but the
+/// last, and parsing each of them for nothing was most of the CPU spent
+/// reading a stream (bench/RESULTS.md entry 45). An event this turns down
+/// has no usage [`observe`] would find; `"usage"` inside a string value
+/// is not followed by a colon, and one that is only costs a parse. A key
+/// written with escapes (`"\u0075sage"`) is not seen, as it was not by
+/// the plain search this refines.
+pub fn may_report_usage(event: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    // Built once: building the searcher cost more than running it on an
+    // event of a few hundred bytes.
+    static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+    FINDER.find_iter(event).any(|at| {
+        value_after_key(&event[at + KEY.len()..]).is_some_and(|v| !v.starts_with(b"null"))
+    })
+}
+
 /// The bytes after `: ` following a key, if what follows is a key's colon.
 fn value_after_key(after_key: &[u8]) -> Option<&[u8]> {
     let rest = after_key.trim_ascii_start().strip_prefix(b":")?;
@@ -325,5 +349,64 @@ mod tests {
             observe(br#"{"usage":{"prompt_tokens":-1}}"#),
             Observed::default()
         );
+    }
+
+    /// The filter says no only where `observe` finds no usage.
+    #[test]
+    fn events_without_usage_are_turned_down_and_no_other() {
+        let cases: &[(&str, &[u8], bool)] = &[
+            (
+                "OpenAI chunk, include_usage",
+                br#"{"model":"m","choices":[{"delta":{"content":"Hi"}}],"usage":null}"#,
+                false,
+            ),
+            ("spaces around the colon", br#"{"usage" :  null}"#, false),
+            ("no usage key", br#"{"model":"m","choices":[]}"#, false),
+            (
+                "usage as a string value",
+                br#"{"choices":[{"delta":{"content":"usage"}}],"x":"usage"}"#,
+                false,
+            ),
+            (
+                "OpenAI last chunk",
+                br#"{"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4}}"#,
+                true,
+            ),
+            (
+                "a string value \"usage\" before the real key",
+                br#"{"content":"usage","usage":{"prompt_tokens":1}}"#,
+                true,
+            ),
+            (
+                "null in one place, usage in another (Responses)",
+                br#"{"usage":null,"response":{"usage":{"input_tokens":3}}}"#,
+                true,
+            ),
+            (
+                "Anthropic message_start",
+                br#"{"type":"message_start","message":{"usage":{"input_tokens":3}}}"#,
+                true,
+            ),
+            (
+                "newline before the value",
+                b"{\"usage\":\n{\"prompt_tokens\":2}}",
+                true,
+            ),
+            ("truncated after the key", br#"{"usage""#, false),
+        ];
+        for (name, event, expected) in cases {
+            assert_eq!(may_report_usage(event), *expected, "{name}");
+            if !expected {
+                assert!(
+                    observe(event).usage.is_empty(),
+                    "{name}: observe finds usage"
+                );
+            } else {
+                assert!(
+                    !observe(event).usage.is_empty(),
+                    "{name}: observe finds none"
+                );
+            }
+        }
     }
 }

@@ -118,7 +118,10 @@ impl SpendStore {
     ) -> Result<Verdict, StoreError> {
         match self {
             Self::Memory(m) => Ok(m.reserve(checks)),
-            Self::Redis(r) => r.reserve(checks, timeout).await,
+            // Boxed: the Redis call's future is kilobytes, and unboxed it
+            // would sit inside every request's message future, moved on
+            // every message, memory store or not (bench/RESULTS.md entry 45).
+            Self::Redis(r) => Box::pin(r.reserve(checks, timeout)).await,
         }
     }
 
