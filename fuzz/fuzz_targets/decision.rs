@@ -68,10 +68,10 @@ static FIXED: LazyLock<(Snapshot, ProviderKeys, ClientKeySet)> = LazyLock::new(|
 fuzz_target!(|input: Input<'_>| {
     let (snapshot, keys, client_keys) = &*FIXED;
     let mut head = RequestHead::default();
-    head.add(":method", if input.method % 2 == 0 { b"POST" } else { b"GET" });
-    head.add(":path", input.path.as_bytes());
+    head.add(b":method", if input.method % 2 == 0 { b"POST" } else { b"GET" });
+    head.add(b":path", input.path.as_bytes());
     for (name, value) in &input.headers {
-        head.add(NAMES[*name as usize % NAMES.len()], value);
+        head.add(NAMES[*name as usize % NAMES.len()].as_bytes(), value);
     }
     head.bodiless = input.bodiless;
     let access = input.access.then_some(client_keys);

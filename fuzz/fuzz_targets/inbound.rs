@@ -1,9 +1,10 @@
-//! The ext_proc message decoder that leaves bodies in place reads every
-//! input exactly as prost does: the same message and body, or an error
-//! where prost has one. Each input is tried as a whole message, as the
-//! payload of a request body message, and as a body followed by the
-//! input as further fields, so the fuzzer reaches the in-place path
-//! without having to find the wire format first.
+//! The ext_proc message decoder that leaves bodies and header maps in
+//! place reads every input exactly as prost does: the same message, body
+//! and headers, or an error where prost has one. Each input is tried as a
+//! whole message, as the payload of a request body message, as a body
+//! followed by the input as further fields, as the payload of a headers
+//! message and as a header map's payload, so the fuzzer reaches the
+//! in-place paths without having to find the wire format first.
 #![no_main]
 
 use ai_gateway_extproc::extproc::inbound::{decode, Inbound};
@@ -34,4 +35,6 @@ fuzz_target!(|data: &[u8]| {
     same_as_prost(data);
     same_as_prost(&field(4, data));
     same_as_prost(&[field(5, &field(1, b"data: {}\n\n")), data.to_vec()].concat());
+    same_as_prost(&field(2, data));
+    same_as_prost(&field(3, &field(1, data)));
 });

@@ -50,10 +50,10 @@ pub struct RequestHead {
 
 impl RequestHead {
     /// Takes one header (name lower-cased, as Envoy hands them over).
-    pub fn add(&mut self, name: &str, value: &[u8]) {
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
         match name {
-            ":method" => self.method = String::from_utf8_lossy(value).into_owned(),
-            ":path" => {
+            b":method" => self.method = String::from_utf8_lossy(value).into_owned(),
+            b":path" => {
                 let mut parts = value.splitn(2, |&b| b == b'?');
                 let path = parts.next().unwrap_or_default();
                 self.path = String::from_utf8_lossy(path).into_owned();
@@ -61,8 +61,8 @@ impl RequestHead {
                     .next()
                     .map(|q| String::from_utf8_lossy(q).into_owned());
             }
-            "x-request-id" => self.request_id = String::from_utf8_lossy(value).into_owned(),
-            "authorization" => {
+            b"x-request-id" => self.request_id = String::from_utf8_lossy(value).into_owned(),
+            b"authorization" => {
                 let bearer = value
                     .get(..7)
                     .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
@@ -71,20 +71,22 @@ impl RequestHead {
                     self.credential = Some(token.to_vec());
                 }
             }
-            "x-api-key" if self.credential.is_none() => {
+            b"x-api-key" if self.credential.is_none() => {
                 self.credential = Some(value.trim_ascii().to_vec())
             }
-            "content-length" => {
+            b"content-length" => {
                 self.content_length = std::str::from_utf8(value)
                     .ok()
                     .and_then(|v| v.trim().parse().ok())
             }
             _ => {}
         }
-        let forbidden =
-            CREDENTIAL_HEADERS.contains(&name) || name.starts_with(INTERNAL_HEADER_PREFIX);
-        if forbidden && !self.to_remove.iter().any(|k| k == name) {
-            self.to_remove.push(name.to_string());
+        let forbidden = CREDENTIAL_HEADERS.iter().any(|c| c.as_bytes() == name)
+            || name.starts_with(INTERNAL_HEADER_PREFIX.as_bytes());
+        if forbidden && !self.to_remove.iter().any(|k| k.as_bytes() == name) {
+            // Names are UTF-8 (envoy-types' rule, which the decoder keeps).
+            self.to_remove
+                .push(String::from_utf8_lossy(name).into_owned());
         }
     }
 
@@ -139,7 +141,7 @@ mod tests {
     pub fn head(pairs: &[(&str, &str)]) -> RequestHead {
         let mut h = RequestHead::default();
         for (k, v) in pairs {
-            h.add(k, v.as_bytes());
+            h.add(k.as_bytes(), v.as_bytes());
         }
         h
     }

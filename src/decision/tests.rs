@@ -39,10 +39,10 @@ fn client_keys() -> ClientKeySet {
 
 fn head(method: &str, path: &str, extra: &[(&str, &str)], bodiless: bool) -> RequestHead {
     let mut h = RequestHead::default();
-    h.add(":method", method.as_bytes());
-    h.add(":path", path.as_bytes());
+    h.add(b":method", method.as_bytes());
+    h.add(b":path", path.as_bytes());
     for (k, v) in extra {
-        h.add(k, v.as_bytes());
+        h.add(k.as_bytes(), v.as_bytes());
     }
     h.bodiless = bodiless;
     h

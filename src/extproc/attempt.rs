@@ -18,13 +18,14 @@
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    processing_request::Request, ProcessingResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use tonic::Status;
 
 use super::chains::{ChainRequest, REQUEST_ID_HEADER};
-use super::headers::{header, response_status};
+use super::headers::HeaderList;
+use super::inbound::Inbound;
 use super::reply::{self, set_header, Changes};
 use super::report;
 use crate::decision::renamed_body;
@@ -72,16 +73,19 @@ impl AttemptExchange {
 
     /// Answers one message; anything but request headers then response
     /// headers, once each, is a gRPC error.
-    pub fn on_message(&mut self, message: ProcessingRequest) -> Result<ProcessingResponse, Status> {
+    pub fn on_message(&mut self, inbound: Inbound) -> Result<ProcessingResponse, Status> {
+        let Inbound {
+            message, headers, ..
+        } = inbound;
         match message.request {
-            Some(Request::RequestHeaders(h)) if self.begun.is_none() && !self.refused => {
+            Some(Request::RequestHeaders(_)) if self.begun.is_none() && !self.refused => {
                 let backend = backend_attribute(&message.attributes);
-                let answer = self.on_request_headers(&h, backend.as_deref());
+                let answer = self.on_request_headers(&headers, backend.as_deref());
                 self.refused = self.begun.is_none();
                 Ok(answer)
             }
-            Some(Request::ResponseHeaders(h)) if self.begun.is_some() && !self.answered => {
-                Ok(self.on_response_headers(&h))
+            Some(Request::ResponseHeaders(_)) if self.begun.is_some() && !self.answered => {
+                Ok(self.on_response_headers(&headers))
             }
             _ => Err(Status::failed_precondition(
                 "the attempt pass takes request headers, then response headers",
@@ -89,8 +93,13 @@ impl AttemptExchange {
         }
     }
 
-    fn on_request_headers(&mut self, h: &HttpHeaders, backend: Option<&str>) -> ProcessingResponse {
-        let id = header(h.headers.as_ref(), REQUEST_ID_HEADER)
+    fn on_request_headers(
+        &mut self,
+        headers: &HeaderList,
+        backend: Option<&str>,
+    ) -> ProcessingResponse {
+        let id = headers
+            .get(REQUEST_ID_HEADER)
             .map(String::from_utf8_lossy)
             .unwrap_or_default();
         let Some(chain) = self.state.chains.get(&id) else {
@@ -126,9 +135,9 @@ impl AttemptExchange {
         )
     }
 
-    fn on_response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
+    fn on_response_headers(&mut self, headers: &HeaderList) -> ProcessingResponse {
         self.answered = true;
-        let status = response_status(h.headers.as_ref()).unwrap_or(0);
+        let status = headers.status().unwrap_or(0);
         if let Some(b) = &self.begun {
             b.chain.answered(b.index, status);
             self.state.metrics.record_attempt(&b.backend, Some(status));
@@ -190,6 +199,7 @@ mod tests {
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
     use envoy_types::pb::envoy::service::ext_proc::v3::common_response::ResponseStatus;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
     use crate::client_keys::ClientKeys;
@@ -246,7 +256,7 @@ mod tests {
         state.chains.register("client-id", request).0
     }
 
-    fn request_headers(id: &str, backend: Option<&str>) -> ProcessingRequest {
+    fn request_headers(id: &str, backend: Option<&str>) -> Inbound {
         let mut attributes = std::collections::HashMap::new();
         if let Some(b) = backend {
             let value = Value {
@@ -259,7 +269,7 @@ mod tests {
                 },
             );
         }
-        ProcessingRequest {
+        Inbound::from(ProcessingRequest {
             request: Some(Request::RequestHeaders(HttpHeaders {
                 headers: Some(HeaderMap {
                     headers: vec![HeaderValue {
@@ -272,11 +282,11 @@ mod tests {
             })),
             attributes,
             ..Default::default()
-        }
+        })
     }
 
-    fn response_headers(status: &str) -> ProcessingRequest {
-        ProcessingRequest {
+    fn response_headers(status: &str) -> Inbound {
+        Inbound::from(ProcessingRequest {
             request: Some(Request::ResponseHeaders(HttpHeaders {
                 headers: Some(HeaderMap {
                     headers: vec![HeaderValue {
@@ -288,7 +298,7 @@ mod tests {
                 ..Default::default()
             })),
             ..Default::default()
-        }
+        })
     }
 
     /// The headers an answer sets, and whether it replaces the body.
@@ -378,7 +388,7 @@ mod tests {
     fn odd_attempts_get_no_key() {
         let state = state();
         let id = register(&state, br#"{"model":"m"}"#);
-        let cases: [(&str, ProcessingRequest, bool); 4] = [
+        let cases: [(&str, Inbound, bool); 4] = [
             ("unknown id", request_headers("client-id", Some("a")), true),
             ("no backend attribute", request_headers(&id, None), true),
             (

@@ -23,13 +23,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    processing_request::Request, ProcessingRequest, ProcessingResponse,
 };
 use envoy_types::pb::google::protobuf::Struct;
 use tonic::Status;
 
 use super::chains::ChainRequest;
-use super::headers::{header, request_head, response_status};
+use super::headers::{request_head, HeaderList};
 use super::inbound::Inbound;
 use super::order::{Message, StreamOrder};
 use super::reply::{self, Changes, Destination};
@@ -150,7 +150,11 @@ impl Exchange {
     /// gRPC error (which ends the stream; Envoy fails the request closed)
     /// for a message out of order.
     pub async fn on_message(&mut self, inbound: Inbound) -> Result<ProcessingResponse, Status> {
-        let Inbound { message, body } = inbound;
+        let Inbound {
+            message,
+            body,
+            headers,
+        } = inbound;
         let started = Instant::now();
         let Some((kind, end_of_stream)) = kind_of(&message) else {
             return Err(Status::invalid_argument(
@@ -162,9 +166,11 @@ impl Exchange {
             return Err(Status::failed_precondition(e.to_string()));
         }
         let answer = match message.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(&h),
+            Some(Request::RequestHeaders(h)) => self.on_request_headers(&headers, h.end_of_stream),
             Some(Request::RequestBody(_)) => self.on_request_body(body).await,
-            Some(Request::ResponseHeaders(h)) => self.on_response_headers(&h),
+            Some(Request::ResponseHeaders(h)) => {
+                self.on_response_headers(&headers, h.end_of_stream)
+            }
             Some(Request::ResponseBody(b)) => self.on_response_body(&body, b.end_of_stream),
             // Trailers are never asked for, so `accept` refused them.
             _ => return Err(Status::failed_precondition("trailers are not processed")),
@@ -175,8 +181,12 @@ impl Exchange {
         Ok(answer)
     }
 
-    fn on_request_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
-        self.head = request_head(h.headers.as_ref(), h.end_of_stream);
+    fn on_request_headers(
+        &mut self,
+        headers: &HeaderList,
+        end_of_stream: bool,
+    ) -> ProcessingResponse {
+        self.head = request_head(headers, end_of_stream);
         let client_keys = self.state.client_keys.current();
         let decision = decision::decide_head(
             &self.head,
@@ -332,9 +342,12 @@ impl Exchange {
         reply
     }
 
-    fn on_response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
-        let headers = h.headers.as_ref();
-        let status = response_status(headers).unwrap_or(0);
+    fn on_response_headers(
+        &mut self,
+        headers: &HeaderList,
+        end_of_stream: bool,
+    ) -> ProcessingResponse {
+        let status = headers.status().unwrap_or(0);
         self.find_answering_backend();
         let Some(fwd) = &self.forwarded else {
             // Not forwarded (Envoy answered on its own, e.g. a 413).
@@ -344,7 +357,7 @@ impl Exchange {
         // The one metadata write of a failed request: the access log names
         // its backend and model.
         let metadata = if failed {
-            let retry_after = header(headers, "retry-after").map(String::from_utf8_lossy);
+            let retry_after = headers.get("retry-after").map(String::from_utf8_lossy);
             self.log_upstream_error(fwd, status, retry_after.as_deref());
             usage_metadata(&self.snapshot, fwd, &Observed::default())
         } else {
@@ -352,7 +365,7 @@ impl Exchange {
         };
         // Only inference responses carry usage; a model list is left alone.
         let read_body = (200..300).contains(&status)
-            && !h.end_of_stream
+            && !end_of_stream
             && self
                 .admitted
                 .as_ref()
@@ -360,16 +373,13 @@ impl Exchange {
         self.response = Some(ResponseSeen {
             status,
             reader: read_body.then(|| {
-                ResponseReader::new(
-                    header(headers, "content-type"),
-                    header(headers, "content-encoding"),
-                )
+                ResponseReader::new(headers.get("content-type"), headers.get("content-encoding"))
             }),
             first_byte: None,
             observed: None,
-            ended: h.end_of_stream,
+            ended: end_of_stream,
         });
-        if h.end_of_stream {
+        if end_of_stream {
             self.finished.get_or_insert_with(Instant::now);
         }
         if failed {

@@ -1,9 +1,89 @@
 //! Reading Envoy's header maps, and which headers Envoy sends at all.
+//!
+//! A header map arrives as a [`HeaderList`]: each name and value is a view
+//! of the gRPC receive buffer (see `inbound`), not a `String` and a `Vec`
+//! of its own as envoy-types' `HeaderValue` would make them: decoding a
+//! request's headers into those was a fifth of the processor's work on
+//! the request-headers message (bench/RESULTS.md entry 46).
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 
 use crate::decision::head::{CREDENTIAL_HEADERS, INTERNAL_HEADER_PREFIX};
 use crate::decision::RequestHead;
+
+/// The headers of one headers message, in Envoy's order. Names are
+/// lower-case and valid UTF-8 (prost's rule for a `string` field, which
+/// the decoder keeps).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderList {
+    fields: Vec<HeaderField>,
+}
+
+/// `envoy.config.core.v3.HeaderValue` with its fields as views.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderField {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: Bytes,
+    /// Older Envoys send the value here.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+    /// Current Envoys send it here.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub raw_value: Bytes,
+}
+
+impl HeaderList {
+    pub(super) fn new(fields: Vec<HeaderField>) -> Self {
+        Self { fields }
+    }
+
+    /// Each header's name and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|f| (&f.key[..], f.value_bytes()))
+    }
+
+    /// A header's value by (lower-case) name: the first of that name.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// The `:status` of a response header map.
+    pub fn status(&self) -> Option<u16> {
+        std::str::from_utf8(self.get(":status")?).ok()?.parse().ok()
+    }
+}
+
+impl HeaderField {
+    /// Envoy sends `raw_value` (bytes) in current versions and `value` in
+    /// older ones.
+    fn value_bytes(&self) -> &[u8] {
+        if self.raw_value.is_empty() {
+            &self.value
+        } else {
+            &self.raw_value
+        }
+    }
+}
+
+impl From<HeaderMap> for HeaderList {
+    /// A map prost decoded (a message in an unusual shape, or a test's):
+    /// its strings become the views, without a copy.
+    fn from(map: HeaderMap) -> Self {
+        let fields = map
+            .headers
+            .into_iter()
+            .map(|h| HeaderField {
+                key: Bytes::from(h.key.into_bytes()),
+                value: Bytes::from(h.value.into_bytes()),
+                raw_value: Bytes::from(h.raw_value),
+            })
+            .collect();
+        Self { fields }
+    }
+}
 
 /// Client headers no provider gets, whatever the route, removed by Envoy's
 /// routes (`request_headers_to_remove`) so the processor need not see them:
@@ -51,44 +131,26 @@ pub fn is_forwarded(name: &str) -> bool {
 }
 
 /// The request facts of a request-headers message.
-pub fn request_head(map: Option<&HeaderMap>, end_of_stream: bool) -> RequestHead {
+pub fn request_head(headers: &HeaderList, end_of_stream: bool) -> RequestHead {
     let mut head = RequestHead {
         bodiless: end_of_stream,
         ..RequestHead::default()
     };
-    for h in map.map(|m| m.headers.as_slice()).unwrap_or_default() {
+    for (name, value) in headers.iter() {
         // Envoy hands header names over lower-cased.
-        head.add(&h.key, value_of(h));
+        head.add(name, value);
     }
     head
-}
-
-/// A header's value: Envoy sends `raw_value` (bytes) in current versions and
-/// `value` in older ones.
-fn value_of(h: &HeaderValue) -> &[u8] {
-    if h.raw_value.is_empty() {
-        h.value.as_bytes()
-    } else {
-        &h.raw_value
-    }
-}
-
-/// The `:status` of a response header map.
-pub fn response_status(map: Option<&HeaderMap>) -> Option<u16> {
-    header(map, ":status").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-}
-
-/// A header's value by (lower-case) name.
-pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a [u8]> {
-    map?.headers.iter().find(|h| h.key == name).map(value_of)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        HeaderMap {
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderList {
+        HeaderList::from(HeaderMap {
             headers: pairs
                 .iter()
                 .map(|(k, v)| HeaderValue {
@@ -97,7 +159,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
-        }
+        })
     }
 
     /// Envoy forwards only some headers (`forward_rules`): what the
@@ -121,10 +183,10 @@ mod tests {
             ("x-ai-eg-backend", "evil"),
             ("cookie", "c"),
         ];
-        let full = request_head(Some(&map(&all)), false);
+        let full = request_head(&map(&all), false);
         let forwarded: Vec<_> = all.into_iter().filter(|(k, _)| is_forwarded(k)).collect();
         assert!(forwarded.len() < all.len(), "the test must leave some out");
-        let seen = request_head(Some(&map(&forwarded)), false);
+        let seen = request_head(&map(&forwarded), false);
         assert_eq!(full, seen);
         for name in [":status", "content-type", "content-encoding", "retry-after"] {
             assert!(is_forwarded(name), "{name} is read from responses");
@@ -133,13 +195,27 @@ mod tests {
 
     #[test]
     fn old_envoy_value_field_is_read() {
-        let m = HeaderMap {
+        let m = HeaderList::from(HeaderMap {
             headers: vec![HeaderValue {
                 key: ":status".into(),
                 value: "429".into(),
                 ..Default::default()
             }],
-        };
-        assert_eq!(response_status(Some(&m)), Some(429));
+        });
+        assert_eq!(m.status(), Some(429));
+    }
+
+    #[test]
+    fn lookups() {
+        let m = map(&[
+            (":status", "200"),
+            ("retry-after", "3"),
+            ("retry-after", "9"),
+        ]);
+        assert_eq!(m.get("retry-after"), Some(&b"3"[..]), "the first of a name");
+        assert_eq!(m.get("content-type"), None);
+        assert_eq!(m.status(), Some(200));
+        assert_eq!(map(&[(":status", "2x")]).status(), None);
+        assert_eq!(HeaderList::default().status(), None);
     }
 }

@@ -1,36 +1,50 @@
-//! One message from Envoy, with a body taken out of gRPC's receive buffer
-//! without a copy.
+//! One message from Envoy, with a body or a header map taken out of
+//! gRPC's receive buffer without a copy.
 //!
 //! Why: prost decodes a `bytes` field into a fresh `Vec<u8>` (envoy-types
 //! generates `HttpBody.body` that way), so while a request body of 8 MB
 //! is decoded the processor holds it twice, tonic's receive buffer and
 //! prost's vector, and spends a copy and its page faults on it (about a
-//! sixth of a large body's CPU, `bench/RESULTS.md` entry 19).
+//! sixth of a large body's CPU, `bench/RESULTS.md` entry 19). Headers are
+//! small but many: envoy-types makes each one a `String` and a `Vec`, two
+//! allocations and a copy per header, on every request's first message
+//! (entry 46).
 //!
 //! The body has one place on the wire: field `body` of the `HttpBody` in
 //! `ProcessingRequest.request_body` or `.response_body`. [`decode`] finds
 //! it, hands it on as a [`Bytes`] slice of the receive buffer (tonic's
 //! buffer is a `BytesMut`, which splits without copying), and lets prost
-//! decode every other field. A message shaped in any other way (no
-//! body, a repeated field, a deprecated group, a buffer in pieces) is
-//! decoded by prost as a whole, so this never reads a message differently
-//! from prost: the `inbound` fuzz target checks exactly that.
+//! decode every other field. A header map is the `HttpHeaders` in
+//! `.request_headers` or `.response_headers`; prost decodes it into
+//! [`HeaderList`], whose names and values are `Bytes` and so slices of
+//! the same buffer. A message shaped in any other way (neither, a
+//! repeated field, a deprecated group or attributes map, a header that is
+//! not UTF-8 where envoy-types wants a `String`, a buffer in pieces) is
+//! decoded by envoy-types' prost types as a whole, so this never reads a
+//! message differently from prost: the `inbound` fuzz target checks
+//! exactly that.
 
 use std::ops::Range;
 
 use bytes::{Buf, Bytes};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, HttpBody, ProcessingRequest,
+    processing_request::Request, HttpBody, HttpHeaders, ProcessingRequest,
 };
 use prost::{DecodeError, Message};
+
+use super::headers::{HeaderField, HeaderList};
 
 /// `ProcessingRequest` fields of its `request` oneof (headers, bodies,
 /// trailers of both directions).
 const REQUEST_ONEOF: Range<usize> = 2..8;
+const REQUEST_HEADERS_FIELD: usize = 2;
+const RESPONSE_HEADERS_FIELD: usize = 3;
 const REQUEST_BODY_FIELD: usize = 4;
 const RESPONSE_BODY_FIELD: usize = 5;
 /// `HttpBody.body`.
 const BODY_FIELD: usize = 1;
+/// `HttpHeaders.attributes` (deprecated): not in [`HeadersView`].
+const HEADERS_ATTRIBUTES_FIELD: usize = 2;
 
 const VARINT: usize = 0;
 const FIXED64: usize = 1;
@@ -38,26 +52,55 @@ const LENGTH_DELIMITED: usize = 2;
 const FIXED32: usize = 5;
 
 /// A message from Envoy. For a body message, the body is in `body` and
-/// the `HttpBody` inside `message` has an empty `body`; for any other
-/// message `body` is empty.
+/// the `HttpBody` inside `message` has an empty `body`; for a headers
+/// message, the headers are in `headers` and the `HttpHeaders` inside
+/// `message` has none. Both are empty for any other message.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inbound {
     pub message: ProcessingRequest,
     pub body: Bytes,
+    pub headers: HeaderList,
 }
 
 impl From<ProcessingRequest> for Inbound {
-    /// Moves the body out of a decoded message (a `Vec` becomes `Bytes`
-    /// without a copy).
+    /// Moves the body or the header map out of a decoded message (a
+    /// `Vec` or `String` becomes `Bytes` without a copy).
     fn from(mut message: ProcessingRequest) -> Self {
-        let body = match &mut message.request {
-            Some(Request::RequestBody(b) | Request::ResponseBody(b)) => {
-                Bytes::from(std::mem::take(&mut b.body))
-            }
-            _ => Bytes::new(),
+        let (body, headers) = match &mut message.request {
+            Some(Request::RequestBody(b) | Request::ResponseBody(b)) => (
+                Bytes::from(std::mem::take(&mut b.body)),
+                HeaderList::default(),
+            ),
+            Some(Request::RequestHeaders(h) | Request::ResponseHeaders(h)) => (
+                Bytes::new(),
+                h.headers.take().map(HeaderList::from).unwrap_or_default(),
+            ),
+            _ => (Bytes::new(), HeaderList::default()),
         };
-        Self { message, body }
+        Self {
+            message,
+            body,
+            headers,
+        }
     }
+}
+
+/// `HttpHeaders` as it is read here: its header map's names and values
+/// are views (`attributes`, deprecated, is never sent; a message that
+/// has it goes to prost).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HeadersView {
+    #[prost(message, optional, tag = "1")]
+    headers: Option<HeaderMapView>,
+    #[prost(bool, tag = "3")]
+    end_of_stream: bool,
+}
+
+/// `envoy.config.core.v3.HeaderMap`, its headers as views.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HeaderMapView {
+    #[prost(message, repeated, tag = "1")]
+    headers: Vec<HeaderField>,
 }
 
 /// Decodes the whole of `buf` (one gRPC message) as a `ProcessingRequest`.
@@ -67,9 +110,75 @@ pub fn decode(buf: &mut impl Buf) -> Result<Inbound, DecodeError> {
         // In pieces: not tonic's buffer. prost reads pieces as they come.
         return ProcessingRequest::decode(buf).map(Inbound::from);
     };
-    let Some(at) = locate_body(data) else {
+    let Some(oneof) = the_request(data) else {
         return ProcessingRequest::decode(buf).map(Inbound::from);
     };
+    match (oneof.number, oneof.wire_type) {
+        (REQUEST_HEADERS_FIELD | RESPONSE_HEADERS_FIELD, LENGTH_DELIMITED) => {
+            let response = oneof.number == RESPONSE_HEADERS_FIELD;
+            if !plain_headers(&data[oneof.value.clone()]) {
+                return ProcessingRequest::decode(buf).map(Inbound::from);
+            }
+            // The message as `Bytes`: a split of tonic's buffer, which the
+            // header views then slice.
+            let whole = buf.copy_to_bytes(len);
+            match headers_in_place(&whole, &oneof, response) {
+                Some(inbound) => Ok(inbound),
+                // prost refuses a piece: let it say why about the whole.
+                None => ProcessingRequest::decode(whole).map(Inbound::from),
+            }
+        }
+        (REQUEST_BODY_FIELD | RESPONSE_BODY_FIELD, LENGTH_DELIMITED) => {
+            let Some(at) = locate_body(data, oneof) else {
+                return ProcessingRequest::decode(buf).map(Inbound::from);
+            };
+            body_in_place(buf, at)
+        }
+        _ => ProcessingRequest::decode(buf).map(Inbound::from),
+    }
+}
+
+/// A headers message read with its header map as views of `whole`;
+/// `None` where prost would read it otherwise or refuse it.
+fn headers_in_place(whole: &Bytes, oneof: &Field, response: bool) -> Option<Inbound> {
+    let data = &whole[..];
+    let mut message =
+        ProcessingRequest::decode(data[..oneof.whole.start].chain(&data[oneof.whole.end..]))
+            .ok()?;
+    let view = HeadersView::decode(whole.slice(oneof.value.clone())).ok()?;
+    let fields = view.headers.map(|m| m.headers).unwrap_or_default();
+    // envoy-types' names and values are `String`s: prost refuses a
+    // message where one is not UTF-8, and so must this.
+    let utf8 = |b: &Bytes| simdutf8::basic::from_utf8(b).is_ok();
+    if !fields.iter().all(|f| utf8(&f.key) && utf8(&f.value)) {
+        return None;
+    }
+    let headers = HttpHeaders {
+        end_of_stream: view.end_of_stream,
+        ..HttpHeaders::default()
+    };
+    message.request = Some(if response {
+        Request::ResponseHeaders(headers)
+    } else {
+        Request::RequestHeaders(headers)
+    });
+    Some(Inbound {
+        message,
+        body: Bytes::new(),
+        headers: HeaderList::new(fields),
+    })
+}
+
+/// Whether an encoded `HttpHeaders` has only the fields [`HeadersView`]
+/// reads as envoy-types does (and can be walked).
+fn plain_headers(payload: &[u8]) -> bool {
+    Fields::new(payload).all(|f| f.is_some_and(|f| f.number != HEADERS_ATTRIBUTES_FIELD))
+}
+
+/// A body message read with its body as a view of `buf`.
+fn body_in_place(buf: &mut impl Buf, at: BodyAt) -> Result<Inbound, DecodeError> {
+    let len = buf.remaining();
+    let data = &buf.chunk()[..len];
     // Everything but the body, in wire order, decoded by prost: the
     // message's fields around the body message, and the body message's
     // fields around the body.
@@ -89,7 +198,11 @@ pub fn decode(buf: &mut impl Buf) -> Result<Inbound, DecodeError> {
     buf.advance(at.body.start);
     let body = buf.copy_to_bytes(at.body.len());
     buf.advance(len - at.body.end);
-    Ok(Inbound { message, body })
+    Ok(Inbound {
+        message,
+        body,
+        headers: HeaderList::default(),
+    })
 }
 
 /// Where the body sits in an encoded `ProcessingRequest`.
@@ -107,9 +220,9 @@ struct BodyAt {
     body: Range<usize>,
 }
 
-/// Finds the body of a message whose `request` is one body message with
-/// one `body` field; `None` for anything else (left to prost).
-fn locate_body(data: &[u8]) -> Option<BodyAt> {
+/// The one field of the message's `request` oneof; `None` when there is
+/// not exactly one, or the message cannot be walked (left to prost).
+fn the_request(data: &[u8]) -> Option<Field> {
     let mut oneof = None;
     let mut oneof_fields = 0;
     for field in Fields::new(data) {
@@ -119,12 +232,14 @@ fn locate_body(data: &[u8]) -> Option<BodyAt> {
             oneof = Some(field);
         }
     }
-    let oneof = oneof.filter(|_| oneof_fields == 1)?;
-    let response = match (oneof.number, oneof.wire_type) {
-        (REQUEST_BODY_FIELD, LENGTH_DELIMITED) => false,
-        (RESPONSE_BODY_FIELD, LENGTH_DELIMITED) => true,
-        _ => return None,
-    };
+    oneof.filter(|_| oneof_fields == 1)
+}
+
+/// Finds the body in a body message (`oneof`, one of the message's
+/// fields) with one `body` field; `None` for anything else (left to
+/// prost).
+fn locate_body(data: &[u8], oneof: Field) -> Option<BodyAt> {
+    let response = oneof.number == RESPONSE_BODY_FIELD;
     let payload = oneof.value.clone();
     let mut body = None;
     for field in Fields::new(&data[payload.clone()]) {
@@ -300,6 +415,251 @@ mod tests {
             !d.body.is_empty() && span.contains(&at) && at + d.body.len() <= span.end
         });
         (decoded, in_place)
+    }
+
+    /// Decodes `encoded` from a `BytesMut`, as tonic holds it: returns the
+    /// result and whether every header name and value is a view of that
+    /// buffer (`false` without headers).
+    fn decode_headers_in_place(encoded: &[u8]) -> (Result<Inbound, DecodeError>, bool) {
+        let mut buf = BytesMut::from(encoded);
+        let span = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let decoded = decode(&mut buf);
+        let inside = |b: &[u8]| {
+            let at = b.as_ptr() as usize;
+            span.contains(&at) && at + b.len() <= span.end
+        };
+        let in_place = decoded.as_ref().is_ok_and(|d| {
+            d.headers.iter().next().is_some()
+                && d.headers
+                    .iter()
+                    .all(|(k, v)| inside(k) && (v.is_empty() || inside(v)))
+        });
+        (decoded, in_place)
+    }
+
+    fn header_map(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: (*k).into(),
+                    raw_value: v.to_vec(),
+                    ..HeaderValue::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn headers_message(
+        response: bool,
+        map: Option<HeaderMap>,
+        end_of_stream: bool,
+    ) -> ProcessingRequest {
+        let h = HttpHeaders {
+            headers: map,
+            end_of_stream,
+            ..HttpHeaders::default()
+        };
+        ProcessingRequest {
+            request: Some(if response {
+                Request::ResponseHeaders(h)
+            } else {
+                Request::RequestHeaders(h)
+            }),
+            ..ProcessingRequest::default()
+        }
+    }
+
+    #[test]
+    fn reads_header_maps_as_prost_does_and_in_place() {
+        let request = header_map(&[
+            (":method", b"POST"),
+            (":path", b"/v1/chat/completions"),
+            ("x-request-id", b"0d7f"),
+            ("authorization", b"Bearer sk-client"),
+            ("content-length", b"42"),
+        ]);
+        let old_envoy = HeaderMap {
+            headers: vec![HeaderValue {
+                key: ":status".into(),
+                value: "429".into(),
+                ..HeaderValue::default()
+            }],
+        };
+        let not_utf8_value = header_map(&[("x-ai-eg-x", b"\xff\xfe")]);
+        let empty_value = header_map(&[("x-ai-eg-empty", b"")]);
+        // (case, message, headers read in place)
+        let cases: Vec<(&str, ProcessingRequest, bool)> = vec![
+            (
+                "request headers",
+                headers_message(false, Some(request.clone()), false),
+                true,
+            ),
+            (
+                "bodiless request",
+                headers_message(false, Some(request.clone()), true),
+                true,
+            ),
+            (
+                "request headers and every other field",
+                with_everything(headers_message(false, Some(request), false)),
+                true,
+            ),
+            (
+                "response headers",
+                headers_message(
+                    true,
+                    Some(header_map(&[
+                        (":status", b"200"),
+                        ("content-type", b"text/event-stream"),
+                    ])),
+                    false,
+                ),
+                true,
+            ),
+            (
+                "an older Envoy's value field",
+                headers_message(true, Some(old_envoy), false),
+                true,
+            ),
+            (
+                "raw_value need not be UTF-8",
+                headers_message(false, Some(not_utf8_value), false),
+                true,
+            ),
+            (
+                "an empty value",
+                headers_message(false, Some(empty_value), false),
+                true,
+            ),
+            (
+                "an empty header map",
+                headers_message(false, Some(HeaderMap::default()), false),
+                false,
+            ),
+            ("no header map", headers_message(true, None, true), false),
+        ];
+        for (case, message, in_place) in cases {
+            let encoded = message.encode_to_vec();
+            let (ours, headers_in_place) = decode_headers_in_place(&encoded);
+            let ours = ours.unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(ours, by_prost(&encoded).unwrap(), "{case}");
+            assert_eq!(ours, Inbound::from(message), "{case}");
+            assert_eq!(headers_in_place, in_place, "{case}: headers read in place");
+        }
+    }
+
+    #[test]
+    fn odd_header_maps_read_as_prost_reads_them() {
+        let header = |parts: &[&[u8]]| field(1, &parts.concat());
+        let key = |k: &[u8]| field(1, k);
+        let raw = |v: &[u8]| field(3, v);
+        let map = |headers: &[&[u8]]| field(1, &headers.concat());
+        let end_of_stream = [0x18, 0x01]; // field 3, varint 1
+        let unknown_fixed32 = [(9 << 3) | 5, 1, 2, 3, 4];
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let request_headers = |payload: &[u8]| field(REQUEST_HEADERS_FIELD, payload);
+        let status = header(&[&key(b":status"), &raw(b"200")]);
+        // (case, encoded, headers read in place)
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            (
+                "end_of_stream before the map",
+                request_headers(&cat(&[&end_of_stream, &map(&[&status])])),
+                true,
+            ),
+            (
+                "the map twice: prost merges them",
+                request_headers(&cat(&[
+                    &map(&[&status]),
+                    &map(&[&header(&[&key(b"a"), &raw(b"b")])]),
+                ])),
+                true,
+            ),
+            (
+                "a key twice: prost keeps the last",
+                request_headers(&map(&[&header(&[&key(b"x"), &key(b"y"), &raw(b"v")])])),
+                true,
+            ),
+            (
+                "unknown fields in a header and the map",
+                request_headers(&map(&[
+                    &header(&[&unknown_fixed32, &key(b"k"), &raw(b"v")]),
+                    &unknown_fixed32,
+                ])),
+                true,
+            ),
+            (
+                "the deprecated attributes map: prost reads it",
+                request_headers(&cat(&[
+                    &map(&[&status]),
+                    &field(HEADERS_ATTRIBUTES_FIELD, &[]),
+                ])),
+                false,
+            ),
+            (
+                "a name that is not UTF-8: prost refuses it",
+                request_headers(&map(&[&header(&[&key(b"\xff"), &raw(b"v")])])),
+                false,
+            ),
+            (
+                "a value field that is not UTF-8: prost refuses it",
+                request_headers(&map(&[&header(&[&key(b"k"), &field(2, b"\xff")])])),
+                false,
+            ),
+            (
+                "a header's key as a varint: prost refuses it",
+                request_headers(&map(&[&header(&[&[0x08, 0x01]])])),
+                false,
+            ),
+            (
+                "headers twice in the oneof: prost merges them",
+                cat(&[
+                    &request_headers(&map(&[&status])),
+                    &request_headers(&end_of_stream),
+                ]),
+                false,
+            ),
+            (
+                "response headers, then request headers: the last wins",
+                cat(&[
+                    &field(RESPONSE_HEADERS_FIELD, &map(&[&status])),
+                    &request_headers(&map(&[&status])),
+                ]),
+                false,
+            ),
+        ];
+        for (case, encoded, in_place) in cases {
+            let prost = by_prost(&encoded);
+            let (ours, headers_in_place) = decode_headers_in_place(&encoded);
+            match (ours, prost) {
+                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "{case}"),
+                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "{case}"),
+                (ours, prost) => panic!("{case}: {ours:?} against prost's {prost:?}"),
+            }
+            assert_eq!(headers_in_place, in_place, "{case}: headers read in place");
+        }
+    }
+
+    #[test]
+    fn broken_header_messages_get_prosts_error() {
+        let whole = headers_message(
+            false,
+            Some(header_map(&[
+                (":path", b"/v1/models"),
+                ("x-request-id", b"r"),
+            ])),
+            true,
+        )
+        .encode_to_vec();
+        for cut in 1..whole.len() {
+            let prost = by_prost(&whole[..cut]);
+            let (ours, _) = decode_headers_in_place(&whole[..cut]);
+            match (ours, prost) {
+                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "cut at {cut}"),
+                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "cut at {cut}"),
+                (ours, prost) => panic!("cut at {cut}: {ours:?} against prost's {prost:?}"),
+            }
+        }
     }
 
     #[test]

@@ -77,8 +77,7 @@ impl ExtProcService {
             let answer = match inbound.next().await? {
                 Ok(message) => match &mut pass {
                     Pass::Router(exchange) => exchange.on_message(message).await,
-                    // Attempts see headers only: no body to keep apart.
-                    Pass::Attempt(attempt) => attempt.on_message(message.message),
+                    Pass::Attempt(attempt) => attempt.on_message(message),
                 },
                 Err(status) => Err(status),
             };
