@@ -541,6 +541,10 @@ def instruction_rows(procs, workdir, up, n, counts):
         print(f"bench: instructions, count {k + 1}: gateway {b[-1]:,.0f}, with usage metadata {usage[-1]:,.0f}, "
               f"floor {floor[-1]:,.0f}", file=sys.stderr, flush=True)
     ib, iu, i_f = (statistics.median(x) for x in (b, usage, floor))
+    # The processor's side: one count each (it repeats within ~1 %).
+    pb = processor_instructions(procs, workdir, up, "pcg", False, n)
+    pf = processor_instructions(procs, workdir, up, "pcgfloor", True, n)
+    print(f"bench: processor instructions per stream: gateway {pb:,.0f}, null {pf:,.0f}", file=sys.stderr, flush=True)
     k = lambda v: f"{v / 1000:,.0f} k"
     spread = lambda x: f" (counts {', '.join(f'{v / 1000:,.1f}' for v in x)} k)" if len(x) > 1 else ""
     return [
@@ -551,7 +555,50 @@ def instruction_rows(procs, workdir, up, n, counts):
          f"{ib / i_f:.3f}", "≤ 1.05"),
         ("the same with `envoy.usage_metadata: true` (token counts in Envoy's access log)" + spread(usage), k(i_f),
          k(iu), f"{iu / i_f:.3f}", ""),
+        ("processor's own instructions per streamed chat, all threads (callgrind; A: null processor, "
+         "B: gateway)", k(pf), k(pb), f"{(pb - pf) / 1000:+,.0f} k", ""),
     ]
+
+
+def processor_instructions(procs, workdir, up, name, null, streams):
+    """The processor's own instructions per sequential stream (a streamed
+    chat: four phases, usage read from the events), counted by callgrind
+    over every thread: the gateway (`null` false) or the null processor.
+    Deterministic like Envoy's count, and it names our code: the
+    callgrind file stays in the work directory for `callgrind_annotate`."""
+    cfg, _ = gateway_config(workdir, up, "uds", name=name)
+    out = workdir / f"callgrind-proc-{name}.out"
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    if null:
+        listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
+        p = procs.start(f"proc-cg-{name}", valgrind + [str(NULL_EXTPROC), listen, "bench"])
+        sock = pathlib.Path(listen.removeprefix("unix:"))
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the null processor did not start under callgrind")
+            time.sleep(0.1)
+    else:
+        p = procs.start(f"proc-cg-{name}", valgrind + [str(EXTPROC), "--config", str(cfg)])
+        wait_http(f"http://{yaml.safe_load(cfg.read_text())['admin']['listen']}/healthz", timeout=120)
+    url = start_envoy(procs, workdir, f"proc-cg-{name}", render(cfg))
+    ttfb_samples(url, 50)  # warm-up: the connection, first-use allocations
+    subprocess.run(["callgrind_control", "--zero", str(p.pid)], check=True, capture_output=True)
+    ttfb_samples(url, streams)
+    before = set(workdir.glob(f"callgrind-proc-{name}.out*"))
+    subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while True:
+        dumps = [f for f in workdir.glob(f"callgrind-proc-{name}.out*") if f not in before and f.stat().st_size]
+        totals = [line for f in dumps for line in f.read_text(errors="replace").splitlines()
+                  if line.startswith(("summary:", "totals:"))]
+        if totals:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: callgrind wrote no dump of the processor")
+        time.sleep(0.2)
+    procs.stop(p)
+    return int(totals[0].split()[1]) / streams
 
 
 def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
