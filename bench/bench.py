@@ -585,20 +585,26 @@ def processor_instructions(procs, workdir, up, name, null, streams):
     ttfb_samples(url, 50)  # warm-up: the connection, first-use allocations
     subprocess.run(["callgrind_control", "--zero", str(p.pid)], check=True, capture_output=True)
     ttfb_samples(url, streams)
-    before = set(workdir.glob(f"callgrind-proc-{name}.out*"))
+    total = dumped_instructions(p, workdir, f"callgrind-proc-{name}.out")
+    procs.stop(p)
+    return total / streams
+
+
+def dumped_instructions(p, workdir, stem, timeout=60):
+    """Has callgrind (running as `p`, writing `stem`.N files) dump its
+    counters and returns the instructions counted since the last zeroing."""
+    before = set(workdir.glob(f"{stem}*"))
     subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while True:
-        dumps = [f for f in workdir.glob(f"callgrind-proc-{name}.out*") if f not in before and f.stat().st_size]
+        dumps = [f for f in workdir.glob(f"{stem}*") if f not in before and f.stat().st_size]
         totals = [line for f in dumps for line in f.read_text(errors="replace").splitlines()
                   if line.startswith(("summary:", "totals:"))]
         if totals:
-            break
+            return int(totals[0].split()[1])
         if time.monotonic() > deadline:
-            raise SystemExit("bench: callgrind wrote no dump of the processor")
+            raise SystemExit(f"bench: callgrind wrote no dump ({stem})")
         time.sleep(0.2)
-    procs.stop(p)
-    return int(totals[0].split()[1]) / streams
 
 
 def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
@@ -626,20 +632,9 @@ def envoy_instructions(procs, workdir, name, bootstrap, requests, body=CHAT):
     load(50)  # warm-up: connections, pools
     subprocess.run(["callgrind_control", "--zero", str(p.pid)], check=True, capture_output=True)
     load(requests)
-    before = set(workdir.glob(f"callgrind-{name}.out*"))
-    subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
-    deadline = time.monotonic() + 30
-    while True:
-        dumps = [f for f in workdir.glob(f"callgrind-{name}.out*") if f not in before and f.stat().st_size]
-        totals = [line for f in dumps for line in f.read_text(errors="replace").splitlines()
-                  if line.startswith(("summary:", "totals:"))]
-        if totals:
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit("bench: callgrind wrote no dump")
-        time.sleep(0.2)
+    total = dumped_instructions(p, workdir, f"callgrind-{name}.out", timeout=30)
     procs.stop(p)
-    return int(totals[0].split()[1]) / requests
+    return total / requests
 
 
 def oha(url, seconds, connections, body, stream=False, rate=None, headers=(), expect="200"):
