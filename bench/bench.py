@@ -332,13 +332,18 @@ def start_null_extproc(procs, workdir, upstream_port, name, threads=None):
     listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
     env = dict(os.environ, AI_GATEWAY_WORKER_THREADS=str(threads)) if threads else None
     procs.start(f"null-extproc-{name}", [str(NULL_EXTPROC), listen, "bench"], env=env)
+    wait_for_socket(listen, 10, "the null processor")
+    return render(cfg)
+
+
+def wait_for_socket(listen, timeout, what):
+    """Waits until the Unix socket of `listen` ("unix:PATH") exists."""
     sock = pathlib.Path(listen.removeprefix("unix:"))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while not sock.exists():
         if time.monotonic() > deadline:
-            raise SystemExit("bench: the null processor did not start")
+            raise SystemExit(f"bench: {what} did not start")
         time.sleep(0.05)
-    return render(cfg)
 
 
 def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
@@ -572,12 +577,7 @@ def processor_instructions(procs, workdir, up, name, null, streams):
     if null:
         listen = yaml.safe_load(cfg.read_text())["extproc"]["listen"]
         p = procs.start(f"proc-cg-{name}", valgrind + [str(NULL_EXTPROC), listen, "bench"])
-        sock = pathlib.Path(listen.removeprefix("unix:"))
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: the null processor did not start under callgrind")
-            time.sleep(0.1)
+        wait_for_socket(listen, 120, "the null processor under callgrind")
     else:
         p = procs.start(f"proc-cg-{name}", valgrind + [str(EXTPROC), "--config", str(cfg)])
         wait_http(f"http://{yaml.safe_load(cfg.read_text())['admin']['listen']}/healthz", timeout=120)
