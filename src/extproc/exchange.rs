@@ -166,12 +166,10 @@ impl Exchange {
             return Err(Status::failed_precondition(e.to_string()));
         }
         let answer = match message.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(&headers, h.end_of_stream),
+            Some(Request::RequestHeaders(_)) => self.on_request_headers(&headers, end_of_stream),
             Some(Request::RequestBody(_)) => self.on_request_body(body).await,
-            Some(Request::ResponseHeaders(h)) => {
-                self.on_response_headers(&headers, h.end_of_stream)
-            }
-            Some(Request::ResponseBody(b)) => self.on_response_body(&body, b.end_of_stream),
+            Some(Request::ResponseHeaders(_)) => self.on_response_headers(&headers, end_of_stream),
+            Some(Request::ResponseBody(_)) => self.on_response_body(&body, end_of_stream),
             // Trailers are never asked for, so `accept` refused them.
             _ => return Err(Status::failed_precondition("trailers are not processed")),
         };

@@ -178,7 +178,11 @@ fn plain_headers(payload: &[u8]) -> bool {
 /// A body message read with its body as a view of `buf`.
 fn body_in_place(buf: &mut impl Buf, at: BodyAt) -> Result<Inbound, DecodeError> {
     let len = buf.remaining();
-    let data = &buf.chunk()[..len];
+    let Some(data) = buf.chunk().get(..len) else {
+        // `decode` found the buffer in one piece; should that ever not
+        // hold, prost reads it in pieces rather than this panicking.
+        return ProcessingRequest::decode(buf).map(Inbound::from);
+    };
     // Everything but the body, in wire order, decoded by prost: the
     // message's fields around the body message, and the body message's
     // fields around the body.

@@ -223,8 +223,9 @@ pub fn observe_window(head: &[u8], tail: &[u8]) -> Observed {
 /// Responses API's events) carry `"usage": null` in every event but the
 /// last, and parsing each of them for nothing was most of the CPU spent
 /// reading a stream (bench/RESULTS.md entry 45). An event this turns down
-/// has no usage [`observe`] would find; `"usage"` inside a string value
-/// is not followed by a colon, and one that is only costs a parse. A key
+/// has no usage [`observe`] would find: a `"usage"` key with a value
+/// other than `null` is always let through, and a false alarm (the word
+/// quoted inside a string) only costs a parse. A key
 /// written with escapes (`"\u0075sage"`) is not seen, as it was not by
 /// the plain search this refines.
 pub fn may_report_usage(event: &[u8]) -> bool {
