@@ -1,6 +1,8 @@
 //! The response reader (content decoding, SSE or JSON, usage): never
-//! panics, whatever the bytes and the headers claim; and the filter that
-//! spares stream events a parse never turns down one that reports usage.
+//! panics, whatever the bytes and the headers claim; reads a plain body
+//! the same however it is chunked (a stream's model is read late, from a
+//! kept event); and the filter that spares stream events a parse never
+//! turns down one that reports usage.
 #![no_main]
 
 use ai_gateway_extproc::openai::response::ResponseReader;
@@ -18,11 +20,17 @@ fuzz_target!(|data: &[u8]| {
         2 => Some(b"deflate"),
         _ => Some(b"br"),
     };
-    let mut reader = ResponseReader::new(Some(content_type), encoding);
-    for chunk in body.chunks(1 + (flags as usize >> 3)) {
-        reader.push(chunk);
+    let read = |piece: usize| {
+        let mut reader = ResponseReader::new(Some(content_type), encoding);
+        for chunk in body.chunks(piece) {
+            reader.push(chunk);
+        }
+        reader.finish()
+    };
+    let chunked = read(1 + (flags as usize >> 3));
+    if encoding.is_none() && !body.is_empty() {
+        assert_eq!(chunked, read(body.len()), "the chunking changed what was read");
     }
-    let _ = reader.finish();
     // A key written with escapes is the filter's stated blind spot.
     if !body.contains(&b'\\') && !observe(body).usage.is_empty() {
         assert!(may_report_usage(body), "an event with usage was turned down");

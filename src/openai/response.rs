@@ -3,9 +3,11 @@
 //!
 //! Compressed bodies (`gzip`, `deflate`) are decoded incrementally: each byte
 //! is decoded once, as its chunk passes. `text/event-stream` bodies are split
-//! into events across chunk boundaries and each event's JSON is read; other
-//! bodies are JSON, kept whole up to [`FULL_JSON_BYTES`] and beyond that as a
-//! head and a tail window (usage comes last), so memory stays bounded.
+//! into events across chunk boundaries; an event that may report usage is
+//! read as it passes, and the model is read once, at the end (see
+//! [`Events`]). Other bodies are JSON, kept whole up to [`FULL_JSON_BYTES`]
+//! and beyond that as a head and a tail window (usage comes last), so
+//! memory stays bounded.
 
 use std::io::Write;
 
@@ -18,6 +20,9 @@ use super::usage::{may_report_usage, observe, observe_window, Observed, UsageGap
 pub const FULL_JSON_BYTES: usize = 4 * 1024 * 1024;
 const HEAD_BYTES: usize = 16 * 1024;
 const TAIL_BYTES: usize = 64 * 1024;
+/// The largest stream event kept unread for its model (see [`Events`]);
+/// a larger one is read as it passes. Chat events are a few hundred bytes.
+const KEPT_EVENT_BYTES: usize = 4 * 1024;
 
 /// Per-response reading state.
 pub struct ResponseReader {
@@ -35,8 +40,27 @@ enum Decoder {
 }
 
 enum Body {
-    Events(SseParser),
+    Events(Events),
     Json(JsonWindow),
+}
+
+/// An event stream as it is read.
+///
+/// Every event names the model, but the stream's first chunk is what a
+/// client waits for, and parsing the first event's JSON as it passed
+/// cost the first byte 14 to 24 µs here (bench/RESULTS.md entry 51: cold
+/// code, on a machine the processor shares with Envoy). So the first event
+/// that mentions `"model"` is kept unread, and read at the end only if
+/// no event read for usage named a model (OpenAI's last event, with the
+/// usage, names it too). Events that may report usage are read as they
+/// pass, as before.
+#[derive(Default)]
+struct Events {
+    parser: SseParser,
+    /// The first event that mentions `"model"`, unread.
+    kept: Option<Vec<u8>>,
+    /// An event mentioning `"model"` was seen (kept, or read at once).
+    model_seen: bool,
 }
 
 impl ResponseReader {
@@ -60,7 +84,7 @@ impl ResponseReader {
         Self {
             decoder,
             body: if is_sse {
-                Body::Events(SseParser::new())
+                Body::Events(Events::default())
             } else {
                 Body::Json(JsonWindow::default())
             },
@@ -108,25 +132,47 @@ impl ResponseReader {
             Some(Err(_)) => return Err(UsageGap::Corrupt),
             None => {}
         }
-        if let Body::Json(window) = self.body {
-            self.observed.merge(window.observe());
+        match self.body {
+            Body::Json(window) => self.observed.merge(window.observe()),
+            Body::Events(Events {
+                kept: Some(event), ..
+            }) if self.observed.model.is_none() => {
+                // Kept only if the filter found no usage in it: this
+                // read can add the model and nothing else.
+                self.observed.merge(observe(&event));
+            }
+            Body::Events(_) => {}
         }
         Ok(self.observed)
     }
 
     fn consume(body: &mut Body, observed: &mut Observed, plain: &[u8]) {
         match body {
-            Body::Events(parser) => parser.push(plain, &mut |data| {
-                // Only events that can carry news are parsed: every chunk
-                // names the model, but it is read once; usage is rarer.
-                let wants_model = observed.model.is_none();
-                if wants_model || may_report_usage(data) {
+            Body::Events(Events {
+                parser,
+                kept,
+                model_seen,
+            }) => parser.push(plain, &mut |data| {
+                if may_report_usage(data) {
                     observed.merge(observe(data));
+                } else if !*model_seen && mentions_model(data) {
+                    *model_seen = true;
+                    if data.len() <= KEPT_EVENT_BYTES {
+                        *kept = Some(data.to_vec());
+                    } else {
+                        observed.merge(observe(data));
+                    }
                 }
             }),
             Body::Json(window) => window.push(plain),
         }
     }
+}
+
+/// Whether an event can name a model at all: an event without the quoted
+/// word has no `model` key (a key written with escapes is not seen).
+fn mentions_model(event: &[u8]) -> bool {
+    memchr::memmem::find(event, b"\"model\"").is_some()
 }
 
 /// A JSON body: whole while small, else its head and a sliding tail.
@@ -201,6 +247,67 @@ mod tests {
                 (Some(2), Some(1))
             );
         }
+    }
+
+    fn events(events: &[&str]) -> String {
+        events.iter().map(|e| format!("data: {e}\n\n")).collect()
+    }
+
+    fn stream_model(body: &str, piece: usize) -> Option<String> {
+        let mut r = ResponseReader::new(Some(b"text/event-stream"), None);
+        read(&mut r, body.as_bytes(), piece);
+        r.finish().unwrap().model
+    }
+
+    #[test]
+    fn stream_model_without_usage_is_read_at_the_end() {
+        let body = events(&[
+            r#"{"type":"ping"}"#,
+            r#"{"model":"first","choices":[{"delta":{"content":"a"}}]}"#,
+            r#"{"model":"second","choices":[{"delta":{"content":"b"}}]}"#,
+            "[DONE]",
+        ]);
+        for piece in [1, 5, body.len()] {
+            // The first event that names a model, whatever the chunking.
+            assert_eq!(stream_model(&body, piece).as_deref(), Some("first"));
+        }
+        // Kept unread until the end, not read as it passed.
+        let mut r = ResponseReader::new(Some(b"text/event-stream"), None);
+        r.push(body.as_bytes());
+        assert_eq!(r.observed.model, None);
+        assert!(matches!(&r.body, Body::Events(e) if e.kept.is_some()));
+    }
+
+    #[test]
+    fn stream_model_from_an_event_read_for_usage_comes_first() {
+        let body = events(&[
+            r#"{"model":"first","choices":[],"usage":null}"#,
+            r#"{"model":"last","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+        ]);
+        assert_eq!(stream_model(&body, body.len()).as_deref(), Some("last"));
+        // Anthropic: the model comes with the input count, first.
+        let body = events(&[
+            r#"{"type":"message_start","message":{"model":"claude","usage":{"input_tokens":5}}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":2}}"#,
+        ]);
+        assert_eq!(stream_model(&body, 3).as_deref(), Some("claude"));
+    }
+
+    #[test]
+    fn a_large_first_event_is_read_as_it_passes() {
+        let content = "x".repeat(KEPT_EVENT_BYTES);
+        let event = format!(r#"{{"model":"m","choices":[{{"delta":{{"content":"{content}"}}}}]}}"#);
+        let mut r = ResponseReader::new(Some(b"text/event-stream"), None);
+        r.push(events(&[&event]).as_bytes());
+        assert_eq!(r.observed.model.as_deref(), Some("m"));
+        assert!(matches!(&r.body, Body::Events(e) if e.kept.is_none()));
+        assert_eq!(r.finish().unwrap().model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn stream_without_a_model_has_none() {
+        let body = events(&[r#"{"choices":[{"delta":{"content":"the \"model\" said"}}]}"#]);
+        assert_eq!(stream_model(&body, body.len()), None);
     }
 
     #[test]
