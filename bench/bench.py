@@ -210,10 +210,7 @@ def http2_rows(procs, workdir, a, alternate):
         (h1, h2), _ = alternate(urls, body=body, stream=stream)
         rows.append((f"HTTPS provider, HTTP/1.1 (A) and HTTP/2 by ALPN (B): {label} throughput (req/s)",
                      f"{h1['rps']:,.0f}", f"{h2['rps']:,.0f}", f"{h2['rps'] / h1['rps']:.2f}", ""))
-    ttfb = {u: [] for u in urls}
-    for _ in range(a.rounds):
-        for u in urls:
-            ttfb[u] += ttfb_samples(u, 200)
+    ttfb = interleaved_ttfb(urls, 200 * a.rounds)
     (a50, a99), (b50, b99) = ((statistics.median(ttfb[u]), percentile(ttfb[u], 99)) for u in urls)
     rows.append(("HTTPS provider, HTTP/1.1 (A) and HTTP/2 (B): stream time to first byte p50 / p99 (ms)",
                  f"{a50:.2f} / {a99:.2f}", f"{b50:.2f} / {b99:.2f}", f"{b50 - a50:+.2f} ms p50", ""))
@@ -380,10 +377,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
         b, f = r[urls_b[n]]["p50"] - base, r[urls_f[n]]["p50"] - base
         rows.append((f"{n} worker thread(s): chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
                      f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0.05 ms"))
-    ttfb = {u: [] for u in urls}
-    for _ in range(a.rounds):
-        for u in urls:
-            ttfb[u] += ttfb_samples(u, 200)
+    ttfb = interleaved_ttfb(urls, 200 * a.rounds)
     p50 = {u: statistics.median(v) for u, v in ttfb.items()}
     base = p50[url_a]
     for n in threads:
@@ -459,20 +453,15 @@ def phase_latencies(logfile, n, timeout=30.0):
 def phase_rows(procs, workdir, up, a):
     """Where a stream's time to first byte goes, phase by phase: Envoy's
     own round trip to the processor for each of the four messages, the
-    gateway against the null processor, over `rounds` alternating rounds
-    of 300 sequential streams."""
+    gateway against the null processor, `rounds` × 300 streams each, one
+    at a time in turn."""
     cfg, _ = gateway_config(workdir, up, "uds", name="phases")
     start_extproc(procs, cfg, "phases")
     url_b = start_envoy(procs, workdir, "phases-b", with_phase_latencies(render(cfg)))
     url_f = start_envoy(procs, workdir, "phases-f",
                         with_phase_latencies(start_null_extproc(procs, workdir, up, "phases-floor")))
-    for u in (url_b, url_f):
-        ttfb_samples(u, 50)
-    ttfb = {url_b: [], url_f: []}
-    for _ in range(a.rounds):
-        for u in ttfb:
-            ttfb[u] += ttfb_samples(u, 300)
     n = 300 * a.rounds
+    ttfb = interleaved_ttfb([url_b, url_f], n)
     b = phase_latencies(procs.logdir / "envoy-phases-b.log", n)
     f = phase_latencies(procs.logdir / "envoy-phases-f.log", n)
     rows = [(f"stream: {name} round trip as Envoy measures it, p50 (µs)", f"{f[name]:.0f}", f"{b[name]:.0f}",
@@ -500,10 +489,7 @@ def observer_rows(procs, workdir, up, a, alternate):
         oha(u, 2, a.connections, CHAT)
     r = dict(zip(urls, alternate(urls, body=CHAT)[0]))
     lat = dict(zip(urls, alternate(urls, body=CHAT, rate=1000)[0]))
-    ttfb = {u: [] for u in urls}
-    for _ in range(a.rounds):
-        for u in urls:
-            ttfb[u] += ttfb_samples(u, 200)
+    ttfb = interleaved_ttfb(urls, 200 * a.rounds)
     t = {u: statistics.median(v) for u, v in ttfb.items()}
     base, tbase = lat[url_e]["p50"], t[url_e]
     return [
@@ -685,21 +671,52 @@ def peak_rss_mib(pid, field="VmHWM"):
     return float("nan")
 
 
+def stream_connection(url):
+    host, port = url.split("//")[1].split(":")
+    return http.client.HTTPConnection(host, int(port))
+
+
+def first_byte_ms(conn):
+    """One stream on `conn`: the time to its first body byte, in ms."""
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body=CHAT_STREAM,
+                 headers={"content-type": "application/json", "x-bench-stream": "1"})
+    r = conn.getresponse()
+    r.read(1)
+    ms = (time.perf_counter() - t0) * 1000
+    r.read()
+    return ms
+
+
 def ttfb_samples(url, n):
     """Times to the first body byte of `n` sequential streams, in ms."""
-    host, port = url.split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port))
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=CHAT_STREAM,
-                     headers={"content-type": "application/json", "x-bench-stream": "1"})
-        r = conn.getresponse()
-        r.read(1)
-        samples.append((time.perf_counter() - t0) * 1000)
-        r.read()
+    conn = stream_connection(url)
+    samples = [first_byte_ms(conn) for _ in range(n)]
     conn.close()
     return samples
+
+
+def interleaved_ttfb(urls, n, warmup=50):
+    """Times to the first body byte of `n` sequential streams through each
+    of `urls`, in ms: one stream per URL in turn, the order rotating, so
+    that every setup meets the machine in the same state. Taken in blocks
+    of 200 or 300 per URL instead, two copies of one build differed by up
+    to 110 µs; taken this way, by 10 to 40 (bench/RESULTS.md entry 50)."""
+    conns = {u: stream_connection(u) for u in urls}
+    try:
+        for conn in conns.values():
+            for _ in range(warmup):
+                first_byte_ms(conn)
+        samples = {u: [] for u in urls}
+        order = list(urls)
+        for i in range(n):
+            turn = i % len(order)
+            for u in order[turn:] + order[:turn]:
+                samples[u].append(first_byte_ms(conns[u]))
+        return samples
+    finally:
+        for conn in conns.values():
+            conn.close()
 
 
 def sequential_ms(url, n, expect=200, body=CHAT):
@@ -1353,11 +1370,8 @@ def main():
             rows.append((f"floor: null processor, chat at {rate:,} req/s: latency p50 / p99 (ms)",
                          f"{ra['p50']:.2f} / {ra['p99']:.2f}", f"{rf['p50']:.2f} / {rf['p99']:.2f}",
                          f"added {rf['p50'] - ra['p50']:+.2f} / {rf['p99'] - ra['p99']:+.2f} ms", ""))
-        # Sequential streams, A, B and the floor in turn, samples pooled.
-        ttfb = {u: [] for u in (url_a, url_b, url_f)}
-        for _ in range(a.rounds):
-            for u in ttfb:
-                ttfb[u] += ttfb_samples(u, 200)
+        # Sequential streams, A, B and the floor one at a time in turn.
+        ttfb = interleaved_ttfb([url_a, url_b, url_f], 200 * a.rounds)
         (a50, a99), (b50, b99), (f50, f99) = (
             (statistics.median(ttfb[u]), percentile(ttfb[u], 99)) for u in (url_a, url_b, url_f))
         rows.append(("stream: time to first byte p50 / p99 (ms)", f"{a50:.2f} / {a99:.2f}", f"{b50:.2f} / {b99:.2f}",
@@ -1425,7 +1439,8 @@ def write_results(a, rows):
         f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}"
         f"{' --baseline ' + a.baseline.name if a.baseline else ''}`",
         f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
-        f"A and B alternate {a.rounds} times per measure and the medians are shown; "
+        f"A and B alternate {a.rounds} times per measure and the medians are shown "
+        "(time to first byte: sequential streams taken one at a time from each setup in turn); "
         "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",
         "",
         *table,
