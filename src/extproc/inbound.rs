@@ -405,6 +405,28 @@ mod tests {
         ProcessingRequest::decode(encoded).map(Inbound::from)
     }
 
+    /// A decoder under test: the result, and whether the part under test
+    /// was read in place.
+    type InPlaceDecode = fn(&[u8]) -> (Result<Inbound, DecodeError>, bool);
+
+    /// Each case, encoded and decoded by `decode`, reads as prost reads
+    /// it and as the message it was; `what` (the body or the headers) is
+    /// read in place exactly where the case says.
+    fn read_as_prost(
+        cases: Vec<(&str, ProcessingRequest, bool)>,
+        decode: InPlaceDecode,
+        what: &str,
+    ) {
+        for (case, message, in_place) in cases {
+            let encoded = message.encode_to_vec();
+            let (ours, read_in_place) = decode(&encoded);
+            let ours = ours.unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(ours, by_prost(&encoded).unwrap(), "{case}");
+            assert_eq!(ours, Inbound::from(message), "{case}");
+            assert_eq!(read_in_place, in_place, "{case}: {what} read in place");
+        }
+    }
+
     /// Decodes `encoded` from a `BytesMut`, as tonic holds it: returns
     /// the result and whether the body is a view of that buffer.
     fn decode_in_place(encoded: &[u8]) -> (Result<Inbound, DecodeError>, bool) {
@@ -543,14 +565,7 @@ mod tests {
             ),
             ("no header map", headers_message(true, None, true), false),
         ];
-        for (case, message, in_place) in cases {
-            let encoded = message.encode_to_vec();
-            let (ours, headers_in_place) = decode_headers_in_place(&encoded);
-            let ours = ours.unwrap_or_else(|e| panic!("{case}: {e}"));
-            assert_eq!(ours, by_prost(&encoded).unwrap(), "{case}");
-            assert_eq!(ours, Inbound::from(message), "{case}");
-            assert_eq!(headers_in_place, in_place, "{case}: headers read in place");
-        }
+        read_as_prost(cases, decode_headers_in_place, "headers");
     }
 
     #[test]
@@ -723,14 +738,7 @@ mod tests {
             ),
             ("nothing", ProcessingRequest::default(), false),
         ];
-        for (case, message, in_place) in cases {
-            let encoded = message.encode_to_vec();
-            let (ours, body_in_place) = decode_in_place(&encoded);
-            let ours = ours.unwrap_or_else(|e| panic!("{case}: {e}"));
-            assert_eq!(ours, by_prost(&encoded).unwrap(), "{case}");
-            assert_eq!(ours, Inbound::from(message), "{case}");
-            assert_eq!(body_in_place, in_place, "{case}: body read in place");
-        }
+        read_as_prost(cases, decode_in_place, "body");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::io::Write;
 use flate2::write::{GzDecoder, ZlibDecoder};
 
 use super::sse::SseParser;
-use super::usage::{may_report_usage, observe, observe_window, Observed, UsageGap};
+use super::usage::{may_name_model, may_report_usage, observe, observe_window, Observed, UsageGap};
 
 /// JSON bodies up to this size are parsed whole.
 pub const FULL_JSON_BYTES: usize = 4 * 1024 * 1024;
@@ -155,7 +155,7 @@ impl ResponseReader {
             }) => parser.push(plain, &mut |data| {
                 if may_report_usage(data) {
                     observed.merge(observe(data));
-                } else if !*model_seen && mentions_model(data) {
+                } else if !*model_seen && may_name_model(data) {
                     *model_seen = true;
                     if data.len() <= KEPT_EVENT_BYTES {
                         *kept = Some(data.to_vec());
@@ -167,12 +167,6 @@ impl ResponseReader {
             Body::Json(window) => window.push(plain),
         }
     }
-}
-
-/// Whether an event can name a model at all: an event without the quoted
-/// word has no `model` key (a key written with escapes is not seen).
-fn mentions_model(event: &[u8]) -> bool {
-    memchr::memmem::find(event, b"\"model\"").is_some()
 }
 
 /// A JSON body: whole while small, else its head and a sliding tail.

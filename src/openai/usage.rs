@@ -238,6 +238,14 @@ pub fn may_report_usage(event: &[u8]) -> bool {
     })
 }
 
+/// Whether an event may name a model: an event without the quoted word
+/// has no `model` key (a key written with escapes is not seen, as with
+/// [`may_report_usage`]).
+pub fn may_name_model(event: &[u8]) -> bool {
+    static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+    FINDER.find(event).is_some()
+}
+
 /// The bytes after `: ` following a key, if what follows is a key's colon.
 fn value_after_key(after_key: &[u8]) -> Option<&[u8]> {
     let rest = after_key.trim_ascii_start().strip_prefix(b":")?;
@@ -353,6 +361,27 @@ mod tests {
     }
 
     /// The filter says no only where `observe` finds no usage.
+    #[test]
+    fn events_that_may_name_a_model() {
+        for (event, may) in [
+            (&br#"{"model":"m","choices":[]}"#[..], true),
+            (br#"{"message":{"model":"claude"}}"#, true),
+            (br#"{"type":"ping"}"#, false),
+            (br#"{"content":"the \"model\" said"}"#, false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                may_name_model(event),
+                may,
+                "{}",
+                String::from_utf8_lossy(event)
+            );
+            if !may {
+                assert_eq!(observe(event).model, None);
+            }
+        }
+    }
+
     #[test]
     fn events_without_usage_are_turned_down_and_no_other() {
         let cases: &[(&str, &[u8], bool)] = &[
