@@ -405,6 +405,19 @@ mod tests {
         ProcessingRequest::decode(encoded).map(Inbound::from)
     }
 
+    /// Our reading equals prost's, a message or an error alike.
+    fn same_as_prost(
+        ours: Result<Inbound, DecodeError>,
+        prost: Result<Inbound, DecodeError>,
+        case: &str,
+    ) {
+        match (ours, prost) {
+            (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "{case}"),
+            (Err(ours), Err(prost)) => assert_eq!(ours, prost, "{case}"),
+            (ours, prost) => panic!("{case}: {ours:?} against prost's {prost:?}"),
+        }
+    }
+
     /// A decoder under test: the result, and whether the part under test
     /// was read in place.
     type InPlaceDecode = fn(&[u8]) -> (Result<Inbound, DecodeError>, bool);
@@ -650,11 +663,7 @@ mod tests {
         for (case, encoded, in_place) in cases {
             let prost = by_prost(&encoded);
             let (ours, headers_in_place) = decode_headers_in_place(&encoded);
-            match (ours, prost) {
-                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "{case}"),
-                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "{case}"),
-                (ours, prost) => panic!("{case}: {ours:?} against prost's {prost:?}"),
-            }
+            same_as_prost(ours, prost, case);
             assert_eq!(headers_in_place, in_place, "{case}: headers read in place");
         }
     }
@@ -673,11 +682,7 @@ mod tests {
         for cut in 1..whole.len() {
             let prost = by_prost(&whole[..cut]);
             let (ours, _) = decode_headers_in_place(&whole[..cut]);
-            match (ours, prost) {
-                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "cut at {cut}"),
-                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "cut at {cut}"),
-                (ours, prost) => panic!("cut at {cut}: {ours:?} against prost's {prost:?}"),
-            }
+            same_as_prost(ours, prost, &format!("cut at {cut}"));
         }
     }
 
@@ -838,11 +843,7 @@ mod tests {
         for (case, encoded) in cases {
             let prost = by_prost(&encoded);
             let (ours, _) = decode_in_place(&encoded);
-            match (ours, prost) {
-                (Err(ours), Err(prost)) => assert_eq!(ours, prost, "{case}"),
-                (Ok(ours), Ok(prost)) => assert_eq!(ours, prost, "{case}"),
-                (ours, prost) => panic!("{case}: {ours:?} against prost's {prost:?}"),
-            }
+            same_as_prost(ours, prost, &case);
         }
     }
 
