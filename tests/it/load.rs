@@ -8,25 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{chat, client, rename_key, FakeUpstream, Gateway};
+use crate::support::{chat, client, raise_fd_limit, rename_key, FakeUpstream, Gateway};
 use serde_json::json;
 
 const CLIENTS: usize = 1000;
 const DURATION: Duration = Duration::from_secs(6);
-
-fn raise_fd_limit() {
-    // 1,000 clients, Envoy's upstream side and the fake provider's side.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn thousand_clients_while_the_key_rotates() {

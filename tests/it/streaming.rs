@@ -1,11 +1,12 @@
 //! Streaming through the real Envoy: SSE events reach the client as the
-//! provider sends them, compressed streams included, and the client gets
-//! exactly the stream it asked for.
+//! provider sends them, compressed streams included, the client gets
+//! exactly the stream it asked for, and more streams than Envoy's defaults
+//! allow are served at once.
 
 use std::io::Read;
 use std::time::Duration;
 
-use crate::support::{chat, client, FakeUpstream, Gateway};
+use crate::support::{chat, client, h2_connection, raise_fd_limit, FakeUpstream, Gateway};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
@@ -168,4 +169,113 @@ async fn content_length_responses_are_streamed_whole() {
         metrics.contains(r#"gen_ai_token_type="output""#),
         "{metrics}"
     );
+}
+
+/// More streams at once than Envoy's default circuit breakers allow (1,024
+/// per cluster): the generated config opens the provider's cluster to
+/// `limits.max_concurrent_requests` and the processor's to twice that, and
+/// the processor serves every stream Envoy opens to it. The provider holds
+/// each stream after its first event, so all of them are open at the same
+/// moment.
+///
+/// The client uses two HTTP/2 connections: Envoy itself lets a client open
+/// at most 1,024 streams on one connection (`max_concurrent_streams`, its
+/// default for safety); past that the client's own HTTP/2 layer queues the
+/// rest until one ends (this test, on one connection, saw 1,024 of 1,200
+/// arrive at Envoy and none refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn more_than_1024_streams_in_flight_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    const STREAMS: usize = 1_200;
+    // Envoy opens one provider connection per held stream.
+    raise_fd_limit();
+    let up = FakeUpstream::start("tars").await;
+    let gw = Gateway::catch_all(&up, Some("k")).await;
+    let gate = up.hold_streams_after_first_event();
+    let connections = [
+        h2_connection::<Full<Bytes>>(&gw.url).await,
+        h2_connection::<Full<Bytes>>(&gw.url).await,
+    ];
+    let body = Bytes::from(stream_request("gpt-4o-mini", true).to_string());
+
+    let first_events = Arc::new(AtomicUsize::new(0));
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let mut sender = connections[i % connections.len()].clone();
+        let first_events = Arc::clone(&first_events);
+        let request = hyper::Request::post(format!("{}/v1/chat/completions", gw.url))
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        streams.spawn(async move {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("stream {i}: {e}"))?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let (mut received, mut first) = (Vec::new(), false);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| format!("stream {i}: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    received.extend_from_slice(data);
+                }
+                if !first && received.windows(2).any(|w| w == b"\n\n") {
+                    first = true;
+                    first_events.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Ok::<_, String>((status, received))
+        });
+    }
+
+    // Every stream has its first event while none has ended: all are in
+    // flight at once. One that ends early was refused on the way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while first_events.load(Ordering::SeqCst) < STREAMS {
+        if let Some(ended) = streams.try_join_next() {
+            let ended = ended.unwrap().map(|(status, body)| {
+                (
+                    status,
+                    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                )
+            });
+            panic!(
+                "a stream ended while the provider held them all, after {} first events: {ended:?}",
+                first_events.load(Ordering::SeqCst)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {STREAMS} streams got their first event",
+            first_events.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.requests().len(), STREAMS, "provider requests");
+
+    // A stream waits on the gate only once it has sent its first event, so
+    // the gate is opened until every stream has ended.
+    let release = tokio::spawn(async move {
+        loop {
+            gate.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let all = tokio::time::timeout(Duration::from_secs(120), streams.join_all()).await;
+    release.abort();
+    let all = all.expect("the released streams did not all end");
+    assert_eq!(all.len(), STREAMS);
+    for result in all {
+        let (status, received) = result.unwrap();
+        assert_eq!(status, 200);
+        let events = events(&received);
+        assert_eq!(events.len(), 6, "{events:?}");
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    }
 }

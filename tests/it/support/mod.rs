@@ -946,22 +946,53 @@ pub fn chat(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hi."}]})
 }
 
+/// Raises this process's open-file limit to its hard limit, for tests that
+/// hold a thousand or more connections (Envoy, started afterwards, inherits
+/// it for its side of them).
+pub fn raise_fd_limit() {
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// One HTTP/2 connection (prior knowledge, as gRPC-style clients open
+/// them) to the gateway at `base_url`; clones of the handle share it.
+pub async fn h2_connection<B>(base_url: &str) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let authority = base_url.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect to Envoy");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// POSTs `body` over HTTP/2 (prior knowledge, as gRPC-style clients do) and
 /// ends the request with trailers instead of with the body.
 pub async fn post_h2_with_trailers(base_url: &str, path: &str, body: Vec<u8>) -> Reply {
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::{Bytes, Frame};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let authority = base_url.trim_start_matches("http://").to_string();
-    let tcp = tokio::net::TcpStream::connect(&authority)
-        .await
-        .expect("connect to Envoy");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connection(base_url).await;
     let mut trailers = hyper::HeaderMap::new();
     trailers.insert("x-checksum", "abc".parse().unwrap());
     let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
