@@ -1,12 +1,12 @@
 //! The response reader (content decoding, SSE or JSON, usage): never
 //! panics, whatever the bytes and the headers claim; reads a plain body
 //! the same however it is chunked (a stream's model is read late, from a
-//! kept event); and the filter that spares stream events a parse never
-//! turns down one that reports usage.
+//! kept event); and the filters that spare stream events a parse never
+//! turn down one that reports usage or names a model.
 #![no_main]
 
 use ai_gateway_extproc::openai::response::ResponseReader;
-use ai_gateway_extproc::openai::usage::{may_report_usage, observe};
+use ai_gateway_extproc::openai::usage::{may_name_model, may_report_usage, observe};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -31,8 +31,14 @@ fuzz_target!(|data: &[u8]| {
     if encoding.is_none() && !body.is_empty() {
         assert_eq!(chunked, read(body.len()), "the chunking changed what was read");
     }
-    // A key written with escapes is the filter's stated blind spot.
-    if !body.contains(&b'\\') && !observe(body).usage.is_empty() {
-        assert!(may_report_usage(body), "an event with usage was turned down");
+    // A key written with escapes is the filters' stated blind spot.
+    if !body.contains(&b'\\') {
+        let observed = observe(body);
+        if !observed.usage.is_empty() {
+            assert!(may_report_usage(body), "an event with usage was turned down");
+        }
+        if observed.model.is_some() {
+            assert!(may_name_model(body), "an event naming a model was turned down");
+        }
     }
 });

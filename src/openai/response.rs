@@ -299,6 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn a_token_spelling_model_is_not_taken_for_the_model() {
+        let body = events(&[
+            r#"{"choices":[{"delta":{"content":"model"}}]}"#,
+            r#"{"model":"m","choices":[{"delta":{"content":"b"}}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(stream_model(&body, body.len()).as_deref(), Some("m"));
+    }
+
+    #[test]
     fn stream_without_a_model_has_none() {
         let body = events(&[r#"{"choices":[{"delta":{"content":"the \"model\" said"}}]}"#]);
         assert_eq!(stream_model(&body, body.len()), None);

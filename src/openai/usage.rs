@@ -238,12 +238,17 @@ pub fn may_report_usage(event: &[u8]) -> bool {
     })
 }
 
-/// Whether an event may name a model: an event without the quoted word
-/// has no `model` key (a key written with escapes is not seen, as with
-/// [`may_report_usage`]).
+/// Whether an event may name a model: some `"model"` in it is a key whose
+/// value is a string. The word as a string value (a streamed token
+/// `"model"`) is not a key, and taking it for one would make the stream's
+/// reader keep that event instead of one that names the model. A key
+/// written with escapes is not seen, as with [`may_report_usage`].
 pub fn may_name_model(event: &[u8]) -> bool {
-    static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
-    FINDER.find(event).is_some()
+    const KEY: &[u8] = b"\"model\"";
+    static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+    FINDER
+        .find_iter(event)
+        .any(|at| value_after_key(&event[at + KEY.len()..]).is_some_and(|v| v.starts_with(b"\"")))
 }
 
 /// The bytes after `: ` following a key, if what follows is a key's colon.
@@ -360,14 +365,17 @@ mod tests {
         );
     }
 
-    /// The filter says no only where `observe` finds no usage.
+    /// The model filter says no only where `observe` finds no model.
     #[test]
     fn events_that_may_name_a_model() {
         for (event, may) in [
             (&br#"{"model":"m","choices":[]}"#[..], true),
+            (br#"{"model" : "m"}"#, true),
             (br#"{"message":{"model":"claude"}}"#, true),
             (br#"{"type":"ping"}"#, false),
             (br#"{"content":"the \"model\" said"}"#, false),
+            (br#"{"choices":[{"delta":{"content":"model"}}]}"#, false),
+            (br#"{"model":null}"#, false),
             (b"", false),
         ] {
             assert_eq!(
@@ -382,6 +390,7 @@ mod tests {
         }
     }
 
+    /// The filter says no only where `observe` finds no usage.
     #[test]
     fn events_without_usage_are_turned_down_and_no_other() {
         let cases: &[(&str, &[u8], bool)] = &[
