@@ -1,23 +1,63 @@
-//! The request-body reader: never panics; whenever it accepts a body,
-//! rewriting `model` gives valid JSON naming the new model; and every
-//! parser a provider might use reads the same model from an accepted body:
-//! first-wins, last-wins, and case-insensitive (Go's `encoding/json`).
+//! The request-body reader: never panics; its JSON syntax check accepts
+//! exactly what serde_json accepts, value by value and body by body;
+//! whenever it accepts a body, rewriting `model` gives valid JSON naming
+//! the new model; and every parser a provider might use reads the same
+//! model from an accepted body: first-wins, last-wins, and
+//! case-insensitive (Go's `encoding/json`).
 #![no_main]
 
 use std::fmt;
 
-use ai_gateway_extproc::openai::request::{rewrite_model, summarize};
+use ai_gateway_extproc::openai::json_syntax::{skip_whitespace, value_end};
+use ai_gateway_extproc::openai::request::{rewrite_model, summarize, BodyError};
 use libfuzzer_sys::fuzz_target;
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(summary) = summarize(data) else {
+    // One value, skipped: the gateway's walk against serde_json's.
+    let walked = value_end(data, skip_whitespace(data, 0))
+        .is_ok_and(|end| skip_whitespace(data, end) == data.len());
+    let skipped = serde_json::from_slice::<IgnoredAny>(data).is_ok();
+    assert_eq!(
+        walked, skipped,
+        "the walk and serde_json disagree on a value"
+    );
+
+    // A body: refused for its syntax exactly when serde_json cannot read
+    // it as an object of entries.
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let readable = de.deserialize_map(Entries).is_ok() && de.end().is_ok();
+    let summary = summarize(data);
+    match &summary {
+        Ok(_) => assert!(readable, "accepted a body serde_json cannot read"),
+        Err(
+            BodyError::NotJson(_) | BodyError::NotObject | BodyError::NotUtf8(_) | BodyError::Empty,
+        ) => {
+            assert!(!readable, "refused a body serde_json reads: {summary:?}")
+        }
+        Err(_) => assert!(
+            readable,
+            "a semantic refusal of a body serde_json cannot read"
+        ),
+    }
+    let Ok(summary) = summary else {
         return;
     };
     assert!(summary.model_span.end <= data.len());
     let out = rewrite_model(data, &summary.model_span, "fuzz/model");
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("rewrite broke the JSON");
-    assert_eq!(v["model"], "fuzz/model");
+    // Read as entries, not as a `Value`: a `Value` refuses numbers out of
+    // f64's range (`1e999`), which JSON allows and the body may hold.
+    let mut de = serde_json::Deserializer::from_slice(&out);
+    let rewritten = de.deserialize_map(Entries).expect("rewrite broke the JSON");
+    de.end().expect("rewrite left something after the JSON");
+    let models: Vec<_> = rewritten.iter().filter(|(k, _)| k == "model").collect();
+    assert_eq!(models.len(), 1);
+    assert_eq!(
+        serde_json::from_str::<String>(models[0].1.get())
+            .ok()
+            .as_deref(),
+        Some("fuzz/model")
+    );
 
     // The top-level entries in order, duplicates kept, as a provider's
     // parser meets them.
@@ -32,8 +72,16 @@ fuzz_target!(|data: &[u8]| {
             .collect();
         let first = model_matches.first().cloned().flatten();
         let last = model_matches.last().cloned().flatten();
-        assert_eq!(first.as_deref(), Some(&*summary.model), "first-wins parser disagrees");
-        assert_eq!(last.as_deref(), Some(&*summary.model), "last-wins parser disagrees");
+        assert_eq!(
+            first.as_deref(),
+            Some(&*summary.model),
+            "first-wins parser disagrees"
+        );
+        assert_eq!(
+            last.as_deref(),
+            Some(&*summary.model),
+            "last-wins parser disagrees"
+        );
     }
 });
 

@@ -12,17 +12,14 @@
 //! `{"model":"cheap","MODEL":"expensive"}` would be allowed and billed as
 //! one model and served as another. Such bodies get a 400.
 //!
-//! Other values are skipped by serde_json without allocating, and its
-//! recursion limit turns absurd nesting into an error instead of a stack
-//! overflow.
+//! The values the gateway does not read are only found and checked
+//! ([`json_syntax`]: strings a 64-byte block at a time, nesting without
+//! recursion); the few it reads are taken as byte ranges of the body.
 
 use std::borrow::Cow;
-use std::fmt;
 use std::ops::Range;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde_json::value::RawValue;
-
+use super::json_syntax::{self, SyntaxError};
 use crate::config::{check_model_name, NameError};
 
 /// What the gateway needs from a request body.
@@ -97,13 +94,10 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
     if text.trim().is_empty() {
         return Err(BodyError::Empty);
     }
-    let mut de = serde_json::Deserializer::from_str(text);
-    let fields = de::Deserializer::deserialize_any(&mut de, TopLevel).map_err(classify)?;
-    de.end().map_err(classify)?;
-    let fields = fields?;
+    let fields = read_top_level(text)?;
 
-    let raw = fields.model.ok_or(BodyError::ModelMissing)?;
-    let raw_text = raw.get();
+    let span = fields.model.ok_or(BodyError::ModelMissing)?;
+    let raw_text = &text[span.clone()];
     let model: Cow<'_, str> = if raw_text.starts_with('"') && !raw_text.contains('\\') {
         // The common case: no escapes, borrow the characters between quotes.
         Cow::Borrowed(&raw_text[1..raw_text.len() - 1])
@@ -112,13 +106,11 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
     };
     check_model_name(&model).map_err(BodyError::InvalidModel)?;
 
-    // `RawValue::get` borrows from `text`, so its address gives its offset.
-    let start = raw_text.as_ptr() as usize - text.as_ptr() as usize;
-    let stream = matches!(fields.stream.map(RawValue::get), Some("true"));
-    let max_output_tokens = fields.max_output.and_then(|v| v.get().parse::<u64>().ok());
+    let stream = fields.stream.is_some_and(|s| &text[s] == "true");
+    let max_output_tokens = fields.max_output.and_then(|v| text[v].parse::<u64>().ok());
     Ok(RequestSummary {
         model,
-        model_span: start..start + raw_text.len(),
+        model_span: span,
         stream,
         max_output_tokens,
     })
@@ -146,80 +138,157 @@ pub fn rewrite_model(body: &[u8], span: &Range<usize>, new_model: &str) -> Vec<u
     out
 }
 
-fn classify(e: serde_json::Error) -> BodyError {
-    if e.is_data() {
-        // Our visitor's "not an object" arrives as a data error.
-        BodyError::NotObject
-    } else {
-        BodyError::NotJson(e.to_string())
-    }
-}
-
-/// The top-level fields we keep, as raw slices of the body.
+/// The top-level fields we keep, as byte ranges of the body.
 #[derive(Default)]
-struct Fields<'a> {
-    model: Option<&'a RawValue>,
-    stream: Option<&'a RawValue>,
+struct Fields {
+    model: Option<Range<usize>>,
+    stream: Option<Range<usize>>,
     /// The first output cap seen (a request names one of them).
-    max_output: Option<&'a RawValue>,
+    max_output: Option<Range<usize>>,
     /// Which read fields were seen, in [`READ_FIELDS`] order.
     seen: [bool; READ_FIELDS.len()],
 }
 
-/// Visits the top-level object. Keys are compared after unescaping, so
-/// `"mod\u0065l"` counts as `model`, exactly as the provider will read it.
-struct TopLevel;
-
-/// The visitor's result: a semantic error is kept apart from a syntax one.
-type VisitResult<'a> = Result<Fields<'a>, BodyError>;
-
-impl<'de> Visitor<'de> for TopLevel {
-    type Value = VisitResult<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
+/// Walks the top-level object: its keys are read (unescaped, so
+/// `"mod\u0065l"` counts as `model`, exactly as the provider will read
+/// it), its values only found. The first semantic problem is kept and the
+/// rest of the body still read, so a syntax error anywhere wins (it is the
+/// clearer message).
+fn read_top_level(text: &str) -> Result<Fields, BodyError> {
+    let bytes = text.as_bytes();
+    let not_json = |e: SyntaxError| BodyError::NotJson(describe(text, &e));
+    let mut at = json_syntax::skip_whitespace(bytes, 0);
+    match bytes.get(at) {
+        Some(b'{') => {}
+        // An array is refused as soon as it is seen, whatever follows.
+        Some(b'[') => return Err(BodyError::NotObject),
+        _ => {
+            return Err(match json_syntax::value_end(bytes, at) {
+                Ok(_) => BodyError::NotObject,
+                Err(e) => not_json(e),
+            })
+        }
     }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut fields = Fields::default();
-        // The first semantic problem; the rest of the body is still read,
-        // so a syntax error anywhere wins (it is the clearer message).
-        let mut problem = None;
-        while let Some(key) = map.next_key_seed(KeySeed)? {
-            let Some(index) = READ_FIELDS.iter().position(|f| *f == key) else {
-                if let Some(field) = READ_FIELDS.iter().find(|f| folds_to(&key, f)) {
-                    problem.get_or_insert(if *field == "model" {
-                        BodyError::ModelSpelling(key.into_owned())
-                    } else {
-                        BodyError::FieldSpelling {
-                            key: key.into_owned(),
-                            field,
-                        }
-                    });
-                }
-                map.next_value::<IgnoredAny>()?;
-                continue;
-            };
-            let value: &'de RawValue = map.next_value()?;
-            if std::mem::replace(&mut fields.seen[index], true) {
-                problem.get_or_insert(match READ_FIELDS[index] {
-                    "model" => BodyError::DuplicateModel,
-                    field => BodyError::DuplicateField(field),
-                });
+    let mut fields = Fields::default();
+    let mut problem = None;
+    at = json_syntax::skip_whitespace(bytes, at + 1);
+    if bytes.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            if bytes.get(at) != Some(&b'"') {
+                return Err(not_json(SyntaxError {
+                    what: "expected a string key",
+                    at,
+                }));
             }
-            match READ_FIELDS[index] {
-                "model" => fields.model = Some(value),
-                "stream" => fields.stream = Some(value),
-                _ => {
-                    fields.max_output.get_or_insert(value);
+            let key_end = json_syntax::string_end(bytes, at + 1).map_err(not_json)?;
+            let key = key_text(&text[at..key_end]).ok_or_else(|| {
+                not_json(SyntaxError {
+                    what: "invalid escape in a key",
+                    at,
+                })
+            })?;
+            at = json_syntax::skip_whitespace(bytes, key_end);
+            if bytes.get(at) != Some(&b':') {
+                return Err(not_json(SyntaxError {
+                    what: "expected `:`",
+                    at,
+                }));
+            }
+            let start = json_syntax::skip_whitespace(bytes, at + 1);
+            at = json_syntax::value_end(bytes, start).map_err(not_json)?;
+            note_field(&mut fields, &mut problem, &key, start..at);
+            at = json_syntax::skip_whitespace(bytes, at);
+            match bytes.get(at) {
+                Some(b',') => at = json_syntax::skip_whitespace(bytes, at + 1),
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                Some(_) => {
+                    return Err(not_json(SyntaxError {
+                        what: "expected `,` or `}`",
+                        at,
+                    }))
+                }
+                None => {
+                    return Err(not_json(SyntaxError {
+                        what: "unexpected end",
+                        at,
+                    }))
                 }
             }
         }
-        Ok(match problem {
-            Some(p) => Err(p),
-            None => Ok(fields),
-        })
     }
+    let end = json_syntax::skip_whitespace(bytes, at);
+    if end != bytes.len() {
+        return Err(not_json(SyntaxError {
+            what: "trailing characters",
+            at: end,
+        }));
+    }
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(fields),
+    }
+}
+
+/// Keeps a top-level member the gateway reads, or notes why the body is
+/// refused (a read field twice, or spelled so that some parser reads it
+/// as one).
+fn note_field(
+    fields: &mut Fields,
+    problem: &mut Option<BodyError>,
+    key: &str,
+    value: Range<usize>,
+) {
+    let Some(index) = READ_FIELDS.iter().position(|f| *f == key) else {
+        if let Some(field) = READ_FIELDS.iter().find(|f| folds_to(key, f)) {
+            problem.get_or_insert(if *field == "model" {
+                BodyError::ModelSpelling(key.to_owned())
+            } else {
+                BodyError::FieldSpelling {
+                    key: key.to_owned(),
+                    field,
+                }
+            });
+        }
+        return;
+    };
+    if std::mem::replace(&mut fields.seen[index], true) {
+        problem.get_or_insert(match READ_FIELDS[index] {
+            "model" => BodyError::DuplicateModel,
+            field => BodyError::DuplicateField(field),
+        });
+    }
+    match READ_FIELDS[index] {
+        "model" => fields.model = Some(value),
+        "stream" => fields.stream = Some(value),
+        _ => {
+            fields.max_output.get_or_insert(value);
+        }
+    }
+}
+
+/// A key's text (quotes included) unescaped: borrowed when it has no
+/// escapes; `None` where serde_json would refuse it (an unpaired
+/// surrogate).
+fn key_text(quoted: &str) -> Option<Cow<'_, str>> {
+    if quoted.contains('\\') {
+        serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(&quoted[1..quoted.len() - 1]))
+    }
+}
+
+/// A syntax error as people read it: line and column, counted in bytes as
+/// serde_json counts them.
+fn describe(text: &str, e: &SyntaxError) -> String {
+    let before = &text.as_bytes()[..e.at.min(text.len())];
+    let line = 1 + memchr::memchr_iter(b'\n', before).count();
+    let column = before.len() - memchr::memrchr(b'\n', before).map_or(0, |n| n + 1) + 1;
+    format!("{} at line {line} column {column}", e.what)
 }
 
 /// Whether `key` names `field` for a parser that matches keys without
@@ -253,30 +322,6 @@ fn fold(c: char) -> Option<u8> {
         .next()
         .filter(char::is_ascii)
         .map(|l| (l as u8).to_ascii_uppercase())
-}
-
-/// Deserializes a key borrowed when possible, owned when it had escapes.
-struct KeySeed;
-
-impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Cow<'de, str>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Cow::Borrowed(v))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(v.to_owned()))
-            }
-        }
-        d.deserialize_str(KeyVisitor)
-    }
 }
 
 #[cfg(test)]
@@ -361,6 +406,36 @@ mod tests {
             summarize(br#"{"model":""}"#).unwrap_err(),
             BodyError::InvalidModel(_)
         ));
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        for (body, message) in [
+            (
+                "{\"model\":\"m\",\n  \"x\": tru}",
+                "invalid literal at line 2 column 8",
+            ),
+            (
+                "{\"model\":\"m\"} {}",
+                "trailing characters at line 1 column 15",
+            ),
+            (
+                "{\"model\":\"m\",}",
+                "expected a string key at line 1 column 14",
+            ),
+            ("{\"model\":\"m\"", "unexpected end at line 1 column 13"),
+            ("{\"a\":\"\\x\"}", "invalid escape at line 1 column 7"),
+            (
+                "{\"\\ud800\":1}",
+                "invalid escape in a key at line 1 column 2",
+            ),
+        ] {
+            assert_eq!(
+                summarize(body.as_bytes()).unwrap_err(),
+                BodyError::NotJson(message.into()),
+                "{body}"
+            );
+        }
     }
 
     /// Table: bodies a case-insensitive or first-wins parser would read

@@ -1,0 +1,426 @@
+//! JSON syntax without a tree: where a value ends, checked as strictly as
+//! serde_json checks a value it skips.
+//!
+//! Why not serde_json's own skip: a request body is mostly one or two huge
+//! strings (a coding agent's context is source code), and serde_json leaves
+//! its 8-byte string loop and comes back at every escape, one every 26 bytes
+//! or so in source code. Here a string is scanned a 64-byte block at a time:
+//! one bit mask marks the block's quotes, backslashes and control bytes, and
+//! the scan steps from escape to escape inside the mask. On source code that
+//! halves the scan (`bench/RESULTS.md` entries 56 to 58). SIMD JSON crates
+//! were measured too: sonic-rs recurses once per nesting level and aborts
+//! the process on a 20 KB body; simd-json needs a mutable copy of the body.
+//!
+//! What is accepted is what serde_json accepts when it skips a value
+//! (`IgnoredAny`): strings without raw control bytes and with valid escapes
+//! (`\u` takes four hex digits; surrogates are not paired, as serde_json
+//! does not pair them in skipped strings), JSON numbers, `true`, `false`,
+//! `null`, and arrays and objects nested to any depth. Nesting is tracked
+//! with a bit per level on the heap, never by recursion. The text is
+//! expected to be valid UTF-8 already; only ASCII bytes matter here.
+//! The `request_body` fuzz target checks acceptance against serde_json.
+
+use std::fmt;
+
+/// Where and why a text is not JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub what: &'static str,
+    /// Byte offset of the offending byte (the text's length at its end).
+    pub at: usize,
+}
+
+impl SyntaxError {
+    fn new(what: &'static str, at: usize) -> Self {
+        Self { what, at }
+    }
+}
+
+impl fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+/// The index of the first byte at or after `at` that is not JSON
+/// whitespace.
+pub fn skip_whitespace(text: &[u8], mut at: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\r' | b'\t') = text.get(at) {
+        at += 1;
+    }
+    at
+}
+
+/// Where the value that starts at `at` ends (the index after it).
+pub fn value_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+    let mut open = Nesting::default();
+    loop {
+        // A value starts at `at`.
+        match text.get(at) {
+            Some(b'"') => at = string_end(text, at + 1)?,
+            Some(b'-' | b'0'..=b'9') => at = number_end(text, at)?,
+            Some(b't') => at = literal_end(text, at, b"true")?,
+            Some(b'f') => at = literal_end(text, at, b"false")?,
+            Some(b'n') => at = literal_end(text, at, b"null")?,
+            Some(b'[') => {
+                at = skip_whitespace(text, at + 1);
+                if text.get(at) == Some(&b']') {
+                    at += 1;
+                } else {
+                    open.push(Container::Array);
+                    continue;
+                }
+            }
+            Some(b'{') => {
+                at = skip_whitespace(text, at + 1);
+                if text.get(at) == Some(&b'}') {
+                    at += 1;
+                } else {
+                    open.push(Container::Object);
+                    at = member_value(text, at)?;
+                    continue;
+                }
+            }
+            Some(_) => return Err(SyntaxError::new("expected a value", at)),
+            None => return Err(SyntaxError::new("unexpected end", at)),
+        }
+        // A value ended at `at`: close what it ends, or go to the next one.
+        loop {
+            let Some(container) = open.innermost() else {
+                return Ok(at);
+            };
+            at = skip_whitespace(text, at);
+            match (text.get(at), container) {
+                (Some(b','), Container::Array) => {
+                    at = skip_whitespace(text, at + 1);
+                    break;
+                }
+                (Some(b','), Container::Object) => {
+                    at = member_value(text, skip_whitespace(text, at + 1))?;
+                    break;
+                }
+                (Some(b']'), Container::Array) | (Some(b'}'), Container::Object) => {
+                    open.pop();
+                    at += 1;
+                }
+                (Some(_), Container::Array) => {
+                    return Err(SyntaxError::new("expected `,` or `]`", at))
+                }
+                (Some(_), Container::Object) => {
+                    return Err(SyntaxError::new("expected `,` or `}`", at))
+                }
+                (None, _) => return Err(SyntaxError::new("unexpected end", at)),
+            }
+        }
+    }
+}
+
+/// Reads an object member's `"key":` starting at `at`; returns where its
+/// value starts.
+fn member_value(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
+    if text.get(at) != Some(&b'"') {
+        return Err(SyntaxError::new("expected a string key", at));
+    }
+    let at = skip_whitespace(text, string_end(text, at + 1)?);
+    if text.get(at) != Some(&b':') {
+        return Err(SyntaxError::new("expected `:`", at));
+    }
+    Ok(skip_whitespace(text, at + 1))
+}
+
+/// Where the string whose contents start at `at` (just after its opening
+/// quote) ends: the index after its closing quote.
+pub fn string_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+    while let Some(block) = text.get(at..at + 64) {
+        let start = at;
+        let mut mask = special_bytes(block);
+        loop {
+            if mask == 0 {
+                at = start + 64;
+                break;
+            }
+            let hit = start + mask.trailing_zeros() as usize;
+            match text[hit] {
+                b'"' => return Ok(hit + 1),
+                b'\\' => {
+                    at = escape_end(text, hit)?;
+                    let past = at - start;
+                    if past >= 64 {
+                        break;
+                    }
+                    // The bits of the bytes the escape covered are cleared.
+                    mask &= u64::MAX << past;
+                }
+                _ => return Err(SyntaxError::new("control character in a string", hit)),
+            }
+        }
+    }
+    // The last bytes, fewer than a block.
+    while let Some(&byte) = text.get(at) {
+        match byte {
+            b'"' => return Ok(at + 1),
+            b'\\' => at = escape_end(text, at)?,
+            0..=0x1f => return Err(SyntaxError::new("control character in a string", at)),
+            _ => at += 1,
+        }
+    }
+    Err(SyntaxError::new("unexpected end in a string", at))
+}
+
+/// The escape at `at` (a backslash): where it ends.
+fn escape_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
+    match text.get(at + 1) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(at + 2),
+        Some(b'u') => match text.get(at + 2..at + 6) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => Ok(at + 6),
+            Some(_) => Err(SyntaxError::new("invalid \\u escape", at)),
+            None => Err(SyntaxError::new("unexpected end in a string", text.len())),
+        },
+        Some(_) => Err(SyntaxError::new("invalid escape", at)),
+        None => Err(SyntaxError::new("unexpected end in a string", text.len())),
+    }
+}
+
+/// A bit per byte of a 64-byte block: set where the byte is `"`, `\` or a
+/// control character, the bytes that end a string's plain run.
+#[cfg(target_arch = "x86_64")]
+fn special_bytes(block: &[u8]) -> u64 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut mask = 0;
+    // SAFETY: SSE2 is part of x86_64 itself (every x86_64 CPU has these
+    // instructions), and each load reads the 16 bytes of `lane`, with no
+    // alignment requirement.
+    unsafe {
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let last_control = _mm_set1_epi8(0x1f);
+        for (i, lane) in block.chunks_exact(16).enumerate() {
+            let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
+            // A byte is a control character where min(byte, 0x1f) == byte.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(bytes, last_control), bytes);
+            let special = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_cmpeq_epi8(bytes, quote),
+                    _mm_cmpeq_epi8(bytes, backslash),
+                ),
+                control,
+            );
+            mask |= u64::from(_mm_movemask_epi8(special) as u16) << (16 * i);
+        }
+    }
+    mask
+}
+
+/// The same mask, a byte at a time, where there is no SSE2.
+#[cfg(not(target_arch = "x86_64"))]
+fn special_bytes(block: &[u8]) -> u64 {
+    block.iter().enumerate().fold(0, |mask, (i, &byte)| {
+        mask | (u64::from(matches!(byte, b'"' | b'\\' | 0..=0x1f)) << i)
+    })
+}
+
+/// Where the number that starts at `at` ends, by JSON's grammar:
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn number_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+    let invalid = |at| SyntaxError::new("invalid number", at);
+    if text.get(at) == Some(&b'-') {
+        at += 1;
+    }
+    match text.get(at) {
+        Some(b'0') => {
+            at += 1;
+            if text.get(at).is_some_and(u8::is_ascii_digit) {
+                return Err(invalid(at));
+            }
+        }
+        Some(b'1'..=b'9') => at = digits_end(text, at),
+        _ => return Err(invalid(at)),
+    }
+    if text.get(at) == Some(&b'.') {
+        let end = digits_end(text, at + 1);
+        if end == at + 1 {
+            return Err(invalid(end));
+        }
+        at = end;
+    }
+    if let Some(b'e' | b'E') = text.get(at) {
+        at += 1;
+        if let Some(b'+' | b'-') = text.get(at) {
+            at += 1;
+        }
+        let end = digits_end(text, at);
+        if end == at {
+            return Err(invalid(end));
+        }
+        at = end;
+    }
+    Ok(at)
+}
+
+fn digits_end(text: &[u8], mut at: usize) -> usize {
+    while text.get(at).is_some_and(u8::is_ascii_digit) {
+        at += 1;
+    }
+    at
+}
+
+fn literal_end(text: &[u8], at: usize, literal: &[u8]) -> Result<usize, SyntaxError> {
+    match text.get(at..at + literal.len()) {
+        Some(found) if found == literal => Ok(at + literal.len()),
+        _ => Err(SyntaxError::new("invalid literal", at)),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Container {
+    Array,
+    Object,
+}
+
+/// The open containers, innermost last: one bit each, so a body that is
+/// nothing but `[` needs an eighth of its size, and a shallow one no
+/// allocation beyond its first word.
+#[derive(Default)]
+struct Nesting {
+    objects: Vec<u64>,
+    depth: usize,
+}
+
+impl Nesting {
+    fn push(&mut self, container: Container) {
+        let (word, bit) = (self.depth / 64, self.depth % 64);
+        if word == self.objects.len() {
+            self.objects.push(0);
+        }
+        match container {
+            Container::Object => self.objects[word] |= 1 << bit,
+            Container::Array => self.objects[word] &= !(1 << bit),
+        }
+        self.depth += 1;
+    }
+
+    fn innermost(&self) -> Option<Container> {
+        let top = self.depth.checked_sub(1)?;
+        Some(if self.objects[top / 64] >> (top % 64) & 1 == 1 {
+            Container::Object
+        } else {
+            Container::Array
+        })
+    }
+
+    fn pop(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::IgnoredAny;
+
+    /// Table: each text, as a whole value, and whether serde_json skips it.
+    #[test]
+    fn accepts_what_serde_json_skips() {
+        let long = "x".repeat(200);
+        let cases: Vec<String> = vec![
+            r#""""#.into(),
+            r#""a\"b\\c\/d\b\f\n\r\t\u00e9\uD83D\ude00""#.into(),
+            r#""\ud800""#.into(),
+            r#""\u12""#.into(),
+            r#""\u12g4""#.into(),
+            r#""\x""#.into(),
+            "\"a\u{1}b\"".into(),
+            "\"a\u{7f}b\"".into(),
+            "\"é\u{1F600}\"".into(),
+            format!(r#""{long}\n{long}\"{long}""#),
+            format!("\"{long}\u{1f}\""),
+            format!("\"{long}"),
+            format!("\"{long}\\"),
+            format!("\"{}\\u00", "y".repeat(61)),
+            "0".into(),
+            "-0".into(),
+            "01".into(),
+            "-".into(),
+            "1.".into(),
+            "1.5e".into(),
+            "1.5e+7".into(),
+            "1E-0".into(),
+            "-12.50e999".into(),
+            ".5".into(),
+            "+1".into(),
+            "true".into(),
+            "tru".into(),
+            "nul".into(),
+            "false".into(),
+            "[]".into(),
+            "[ ]".into(),
+            "[1,]".into(),
+            "[,1]".into(),
+            "[1 2]".into(),
+            "[1,[2,{\"a\":[3]}],{}]".into(),
+            "{}".into(),
+            "{ \"a\" : 1 , \"b\" : [ ] }".into(),
+            "{\"a\":1,}".into(),
+            "{\"a\" 1}".into(),
+            "{1:2}".into(),
+            "{\"a\":1]".into(),
+            "[1}".into(),
+            "[".into(),
+            "{\"a\":".into(),
+            "\u{a0}1".into(),
+        ];
+        for text in &cases {
+            let serde_json_skips = serde_json::from_str::<IgnoredAny>(text).is_ok();
+            let ours =
+                value_end(text.as_bytes(), 0).map(|end| skip_whitespace(text.as_bytes(), end));
+            assert_eq!(
+                ours.is_ok() && ours == Ok(text.len()),
+                serde_json_skips,
+                "{text:?}: {ours:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ends_where_the_value_ends() {
+        assert_eq!(value_end(br#""ab" ,"#, 0), Ok(4));
+        assert_eq!(value_end(b"12,", 0), Ok(2));
+        assert_eq!(value_end(b"[1, {\"a\": null}] x", 0), Ok(16));
+        assert_eq!(value_end(b"true}", 0), Ok(4));
+    }
+
+    #[test]
+    fn every_position_in_a_block_is_seen() {
+        // A quote, an escape or a control byte at each offset of the first
+        // two blocks, and escapes that straddle a block's end.
+        for at in 0..130 {
+            let mut text = vec![b'a'; 200];
+            text[at] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 1), "quote at {at}");
+            text[at] = 0x1f;
+            assert_eq!(string_end(&text, 0).unwrap_err().at, at, "control at {at}");
+            text[at] = b'\\';
+            text[at + 1] = b'u';
+            text[at + 2..at + 6].copy_from_slice(b"00e9");
+            text[at + 6] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 7), "escape at {at}");
+            text[at + 1] = b'"';
+            text[at + 2] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 3), "escaped quote at {at}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_needs_no_stack() {
+        let depth = 1_000_000;
+        let text = format!("{}{}", "[{\"a\":".repeat(depth), "}]".repeat(depth));
+        // Each level is `[{"a":` and `}]`: an array holding an object.
+        let mut closed = text.into_bytes();
+        closed.splice(depth * 6..depth * 6, *b"1");
+        assert_eq!(value_end(&closed, 0), Ok(closed.len()));
+        assert!(value_end(&closed[..closed.len() - 1], 0).is_err());
+    }
+}
