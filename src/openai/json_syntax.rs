@@ -21,6 +21,7 @@
 //! The `request_body` fuzz target checks acceptance against serde_json.
 
 use std::fmt;
+use std::ops::Range;
 
 /// Where and why a text is not JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,65 @@ impl fmt::Display for SyntaxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} at byte {}", self.what, self.at)
     }
+}
+
+/// Why a text is not one JSON object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectError {
+    /// It is JSON, but not an object. An array is counted so as soon as
+    /// its `[` is seen, as serde_json refuses it before reading it.
+    NotObject,
+    Syntax(SyntaxError),
+}
+
+impl From<SyntaxError> for ObjectError {
+    fn from(e: SyntaxError) -> Self {
+        Self::Syntax(e)
+    }
+}
+
+/// Walks the object that is the whole of `text` (whitespace around it
+/// aside), handing `each` every member's key (quotes included) and value
+/// as byte ranges, in order. A syntax error anywhere ends the walk, also
+/// after `each` has seen earlier members.
+pub fn for_each_member(
+    text: &[u8],
+    mut each: impl FnMut(Range<usize>, Range<usize>) -> Result<(), SyntaxError>,
+) -> Result<(), ObjectError> {
+    let mut at = skip_whitespace(text, 0);
+    match text.get(at) {
+        Some(b'{') => {}
+        Some(b'[') => return Err(ObjectError::NotObject),
+        _ => {
+            value_end(text, at)?;
+            return Err(ObjectError::NotObject);
+        }
+    }
+    at = skip_whitespace(text, at + 1);
+    if text.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            let (key, start) = member(text, at)?;
+            let end = value_end(text, start)?;
+            each(key, start..end)?;
+            at = skip_whitespace(text, end);
+            match text.get(at) {
+                Some(b',') => at = skip_whitespace(text, at + 1),
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                Some(_) => return Err(SyntaxError::new("expected `,` or `}`", at).into()),
+                None => return Err(SyntaxError::new("unexpected end", at).into()),
+            }
+        }
+    }
+    let end = skip_whitespace(text, at);
+    if end != text.len() {
+        return Err(SyntaxError::new("trailing characters", end).into());
+    }
+    Ok(())
 }
 
 /// The index of the first byte at or after `at` that is not JSON
@@ -77,7 +137,7 @@ pub fn value_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
                     at += 1;
                 } else {
                     open.push(Container::Object);
-                    at = member_value(text, at)?;
+                    at = member(text, at)?.1;
                     continue;
                 }
             }
@@ -96,7 +156,7 @@ pub fn value_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
                     break;
                 }
                 (Some(b','), Container::Object) => {
-                    at = member_value(text, skip_whitespace(text, at + 1))?;
+                    at = member(text, skip_whitespace(text, at + 1))?.1;
                     break;
                 }
                 (Some(b']'), Container::Array) | (Some(b'}'), Container::Object) => {
@@ -115,17 +175,18 @@ pub fn value_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
     }
 }
 
-/// Reads an object member's `"key":` starting at `at`; returns where its
-/// value starts.
-fn member_value(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
+/// Reads an object member's `"key":` starting at `at`; returns the key
+/// (quotes included) and where its value starts.
+fn member(text: &[u8], at: usize) -> Result<(Range<usize>, usize), SyntaxError> {
     if text.get(at) != Some(&b'"') {
         return Err(SyntaxError::new("expected a string key", at));
     }
-    let at = skip_whitespace(text, string_end(text, at + 1)?);
-    if text.get(at) != Some(&b':') {
-        return Err(SyntaxError::new("expected `:`", at));
+    let key_end = string_end(text, at + 1)?;
+    let colon = skip_whitespace(text, key_end);
+    if text.get(colon) != Some(&b':') {
+        return Err(SyntaxError::new("expected `:`", colon));
     }
-    Ok(skip_whitespace(text, at + 1))
+    Ok((at..key_end, skip_whitespace(text, colon + 1)))
 }
 
 /// Where the string whose contents start at `at` (just after its opening
@@ -214,9 +275,15 @@ fn special_bytes(block: &[u8]) -> u64 {
     mask
 }
 
-/// The same mask, a byte at a time, where there is no SSE2.
 #[cfg(not(target_arch = "x86_64"))]
 fn special_bytes(block: &[u8]) -> u64 {
+    special_bytes_bytewise(block)
+}
+
+/// The same mask, a byte at a time, where there is no SSE2 (and in the
+/// tests, against the SSE2 one).
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn special_bytes_bytewise(block: &[u8]) -> u64 {
     block.iter().enumerate().fold(0, |mask, (i, &byte)| {
         mask | (u64::from(matches!(byte, b'"' | b'\\' | 0..=0x1f)) << i)
     })
@@ -410,6 +477,29 @@ mod tests {
             text[at + 1] = b'"';
             text[at + 2] = b'"';
             assert_eq!(string_end(&text, 0), Ok(at + 3), "escaped quote at {at}");
+        }
+    }
+
+    #[test]
+    fn the_masks_agree_on_every_byte_at_every_position() {
+        // The byte-at-a-time mask is what non-x86_64 builds use; x86_64
+        // tests it against the SSE2 one.
+        for byte in 0..=u8::MAX {
+            for at in 0..64 {
+                let mut block = [b'a'; 64];
+                block[at] = byte;
+                assert_eq!(
+                    special_bytes(&block),
+                    special_bytes_bytewise(&block),
+                    "byte {byte:#04x} at {at}"
+                );
+                let expected = u64::from(matches!(byte, b'"' | b'\\' | 0..=0x1f)) << at;
+                assert_eq!(
+                    special_bytes_bytewise(&block),
+                    expected,
+                    "byte {byte:#04x} at {at}"
+                );
+            }
         }
     }
 

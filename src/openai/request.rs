@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::json_syntax::{self, SyntaxError};
+use super::json_syntax::{self, ObjectError, SyntaxError};
 use crate::config::{check_model_name, NameError};
 
 /// What the gateway needs from a request body.
@@ -149,85 +149,26 @@ struct Fields {
     seen: [bool; READ_FIELDS.len()],
 }
 
-/// Walks the top-level object: its keys are read (unescaped, so
-/// `"mod\u0065l"` counts as `model`, exactly as the provider will read
-/// it), its values only found. The first semantic problem is kept and the
-/// rest of the body still read, so a syntax error anywhere wins (it is the
-/// clearer message).
+/// Reads the top-level object: its keys unescaped (so `"mod\u0065l"`
+/// counts as `model`, exactly as the provider will read it), its values
+/// only found. The first semantic problem is kept and the rest of the body
+/// still read, so a syntax error anywhere wins (it is the clearer message).
 fn read_top_level(text: &str) -> Result<Fields, BodyError> {
-    let bytes = text.as_bytes();
-    let not_json = |e: SyntaxError| BodyError::NotJson(describe(text, &e));
-    let mut at = json_syntax::skip_whitespace(bytes, 0);
-    match bytes.get(at) {
-        Some(b'{') => {}
-        // An array is refused as soon as it is seen, whatever follows.
-        Some(b'[') => return Err(BodyError::NotObject),
-        _ => {
-            return Err(match json_syntax::value_end(bytes, at) {
-                Ok(_) => BodyError::NotObject,
-                Err(e) => not_json(e),
-            })
-        }
-    }
     let mut fields = Fields::default();
     let mut problem = None;
-    at = json_syntax::skip_whitespace(bytes, at + 1);
-    if bytes.get(at) == Some(&b'}') {
-        at += 1;
-    } else {
-        loop {
-            if bytes.get(at) != Some(&b'"') {
-                return Err(not_json(SyntaxError {
-                    what: "expected a string key",
-                    at,
-                }));
-            }
-            let key_end = json_syntax::string_end(bytes, at + 1).map_err(not_json)?;
-            let key = key_text(&text[at..key_end]).ok_or_else(|| {
-                not_json(SyntaxError {
-                    what: "invalid escape in a key",
-                    at,
-                })
-            })?;
-            at = json_syntax::skip_whitespace(bytes, key_end);
-            if bytes.get(at) != Some(&b':') {
-                return Err(not_json(SyntaxError {
-                    what: "expected `:`",
-                    at,
-                }));
-            }
-            let start = json_syntax::skip_whitespace(bytes, at + 1);
-            at = json_syntax::value_end(bytes, start).map_err(not_json)?;
-            note_field(&mut fields, &mut problem, &key, start..at);
-            at = json_syntax::skip_whitespace(bytes, at);
-            match bytes.get(at) {
-                Some(b',') => at = json_syntax::skip_whitespace(bytes, at + 1),
-                Some(b'}') => {
-                    at += 1;
-                    break;
-                }
-                Some(_) => {
-                    return Err(not_json(SyntaxError {
-                        what: "expected `,` or `}`",
-                        at,
-                    }))
-                }
-                None => {
-                    return Err(not_json(SyntaxError {
-                        what: "unexpected end",
-                        at,
-                    }))
-                }
-            }
-        }
-    }
-    let end = json_syntax::skip_whitespace(bytes, at);
-    if end != bytes.len() {
-        return Err(not_json(SyntaxError {
-            what: "trailing characters",
-            at: end,
-        }));
-    }
+    json_syntax::for_each_member(text.as_bytes(), |key, value| {
+        let what = "invalid escape in a key";
+        let key_text = key_text(&text[key.clone()]).ok_or(SyntaxError {
+            what,
+            at: key.start,
+        })?;
+        note_field(&mut fields, &mut problem, &key_text, value);
+        Ok(())
+    })
+    .map_err(|e| match e {
+        ObjectError::NotObject => BodyError::NotObject,
+        ObjectError::Syntax(e) => BodyError::NotJson(describe(text, &e)),
+    })?;
     match problem {
         Some(p) => Err(p),
         None => Ok(fields),
@@ -526,9 +467,9 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_skipped_without_recursion() {
-        // serde_json skips ignored values with an explicit stack, so deep
-        // nesting outside `model` is valid JSON that routes, and cannot
-        // overflow ours.
+        // Values are skipped with a stack on the heap, so deep nesting
+        // outside `model` is valid JSON that routes, and cannot overflow
+        // ours.
         let depth = 100_000;
         let mut body = String::from(r#"{"model":"m","x":"#);
         body.push_str(&"[".repeat(depth));
