@@ -4,12 +4,11 @@
 //! Why not serde_json's own skip: a request body is mostly one or two huge
 //! strings (a coding agent's context is source code), and serde_json leaves
 //! its 8-byte string loop and comes back at every escape, one every 26 bytes
-//! or so in source code. Here a string is scanned a 64-byte block at a time:
-//! one bit mask marks the block's quotes, backslashes and control bytes, and
-//! the scan steps from escape to escape inside the mask. On source code that
-//! halves the scan (`bench/RESULTS.md` entries 56 to 58). SIMD JSON crates
-//! were measured too: sonic-rs recurses once per nesting level and aborts
-//! the process on a 20 KB body; simd-json needs a mutable copy of the body.
+//! or so in source code. Strings are scanned a 64-byte block at a time
+//! instead (`json_string`; `bench/RESULTS.md` entries 56 to 59). SIMD JSON
+//! crates were measured too: sonic-rs recurses once per nesting level and
+//! aborts the process on a 20 KB body; simd-json needs a mutable copy of the
+//! body.
 //!
 //! What is accepted is what serde_json accepts when it skips a value
 //! (`IgnoredAny`): strings without raw control bytes and with valid escapes
@@ -23,6 +22,8 @@
 use std::fmt;
 use std::ops::Range;
 
+use super::json_string::string_end;
+
 /// Where and why a text is not JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyntaxError {
@@ -32,7 +33,7 @@ pub struct SyntaxError {
 }
 
 impl SyntaxError {
-    fn new(what: &'static str, at: usize) -> Self {
+    pub(super) fn new(what: &'static str, at: usize) -> Self {
         Self { what, at }
     }
 }
@@ -187,106 +188,6 @@ fn member(text: &[u8], at: usize) -> Result<(Range<usize>, usize), SyntaxError> 
         return Err(SyntaxError::new("expected `:`", colon));
     }
     Ok((at..key_end, skip_whitespace(text, colon + 1)))
-}
-
-/// Where the string whose contents start at `at` (just after its opening
-/// quote) ends: the index after its closing quote.
-pub fn string_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
-    while let Some(block) = text.get(at..at + 64) {
-        let start = at;
-        let mut mask = special_bytes(block);
-        loop {
-            if mask == 0 {
-                at = start + 64;
-                break;
-            }
-            let hit = start + mask.trailing_zeros() as usize;
-            match text[hit] {
-                b'"' => return Ok(hit + 1),
-                b'\\' => {
-                    at = escape_end(text, hit)?;
-                    let past = at - start;
-                    if past >= 64 {
-                        break;
-                    }
-                    // The bits of the bytes the escape covered are cleared.
-                    mask &= u64::MAX << past;
-                }
-                _ => return Err(SyntaxError::new("control character in a string", hit)),
-            }
-        }
-    }
-    // The last bytes, fewer than a block.
-    while let Some(&byte) = text.get(at) {
-        match byte {
-            b'"' => return Ok(at + 1),
-            b'\\' => at = escape_end(text, at)?,
-            0..=0x1f => return Err(SyntaxError::new("control character in a string", at)),
-            _ => at += 1,
-        }
-    }
-    Err(SyntaxError::new("unexpected end in a string", at))
-}
-
-/// The escape at `at` (a backslash): where it ends.
-fn escape_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
-    match text.get(at + 1) {
-        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(at + 2),
-        Some(b'u') => match text.get(at + 2..at + 6) {
-            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => Ok(at + 6),
-            Some(_) => Err(SyntaxError::new("invalid \\u escape", at)),
-            None => Err(SyntaxError::new("unexpected end in a string", text.len())),
-        },
-        Some(_) => Err(SyntaxError::new("invalid escape", at)),
-        None => Err(SyntaxError::new("unexpected end in a string", text.len())),
-    }
-}
-
-/// A bit per byte of a 64-byte block: set where the byte is `"`, `\` or a
-/// control character, the bytes that end a string's plain run.
-#[cfg(target_arch = "x86_64")]
-fn special_bytes(block: &[u8]) -> u64 {
-    use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
-        _mm_set1_epi8,
-    };
-    let mut mask = 0;
-    // SAFETY: SSE2 is part of x86_64 itself (every x86_64 CPU has these
-    // instructions), and each load reads the 16 bytes of `lane`, with no
-    // alignment requirement.
-    unsafe {
-        let quote = _mm_set1_epi8(b'"' as i8);
-        let backslash = _mm_set1_epi8(b'\\' as i8);
-        let last_control = _mm_set1_epi8(0x1f);
-        for (i, lane) in block.chunks_exact(16).enumerate() {
-            let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
-            // A byte is a control character where min(byte, 0x1f) == byte.
-            let control = _mm_cmpeq_epi8(_mm_min_epu8(bytes, last_control), bytes);
-            let special = _mm_or_si128(
-                _mm_or_si128(
-                    _mm_cmpeq_epi8(bytes, quote),
-                    _mm_cmpeq_epi8(bytes, backslash),
-                ),
-                control,
-            );
-            mask |= u64::from(_mm_movemask_epi8(special) as u16) << (16 * i);
-        }
-    }
-    mask
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn special_bytes(block: &[u8]) -> u64 {
-    special_bytes_bytewise(block)
-}
-
-/// The same mask, a byte at a time, where there is no SSE2 (and in the
-/// tests, against the SSE2 one).
-#[cfg(any(test, not(target_arch = "x86_64")))]
-fn special_bytes_bytewise(block: &[u8]) -> u64 {
-    block.iter().enumerate().fold(0, |mask, (i, &byte)| {
-        mask | (u64::from(matches!(byte, b'"' | b'\\' | 0..=0x1f)) << i)
-    })
 }
 
 /// Where the number that starts at `at` ends, by JSON's grammar:
@@ -457,50 +358,6 @@ mod tests {
         assert_eq!(value_end(b"12,", 0), Ok(2));
         assert_eq!(value_end(b"[1, {\"a\": null}] x", 0), Ok(16));
         assert_eq!(value_end(b"true}", 0), Ok(4));
-    }
-
-    #[test]
-    fn every_position_in_a_block_is_seen() {
-        // A quote, an escape or a control byte at each offset of the first
-        // two blocks, and escapes that straddle a block's end.
-        for at in 0..130 {
-            let mut text = vec![b'a'; 200];
-            text[at] = b'"';
-            assert_eq!(string_end(&text, 0), Ok(at + 1), "quote at {at}");
-            text[at] = 0x1f;
-            assert_eq!(string_end(&text, 0).unwrap_err().at, at, "control at {at}");
-            text[at] = b'\\';
-            text[at + 1] = b'u';
-            text[at + 2..at + 6].copy_from_slice(b"00e9");
-            text[at + 6] = b'"';
-            assert_eq!(string_end(&text, 0), Ok(at + 7), "escape at {at}");
-            text[at + 1] = b'"';
-            text[at + 2] = b'"';
-            assert_eq!(string_end(&text, 0), Ok(at + 3), "escaped quote at {at}");
-        }
-    }
-
-    #[test]
-    fn the_masks_agree_on_every_byte_at_every_position() {
-        // The byte-at-a-time mask is what non-x86_64 builds use; x86_64
-        // tests it against the SSE2 one.
-        for byte in 0..=u8::MAX {
-            for at in 0..64 {
-                let mut block = [b'a'; 64];
-                block[at] = byte;
-                assert_eq!(
-                    special_bytes(&block),
-                    special_bytes_bytewise(&block),
-                    "byte {byte:#04x} at {at}"
-                );
-                let expected = u64::from(matches!(byte, b'"' | b'\\' | 0..=0x1f)) << at;
-                assert_eq!(
-                    special_bytes_bytewise(&block),
-                    expected,
-                    "byte {byte:#04x} at {at}"
-                );
-            }
-        }
     }
 
     #[test]

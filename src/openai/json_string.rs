@@ -1,0 +1,426 @@
+//! Where a JSON string ends, found a 64-byte block at a time.
+//!
+//! A request body is mostly one or two huge strings, and a coding agent's
+//! are source code: a JSON escape (`\n`, `\"`) every 26 bytes or so. A scan
+//! that stops at each escape pays a mispredicted branch or two each time
+//! (`bench/RESULTS.md` entry 59). Here a block is classified with bit masks
+//! instead, simdjson's way, so the work per block does not depend on how
+//! many escapes it holds:
+//!
+//! - one SSE2 pass marks the block's backslashes, and its quotes and
+//!   control bytes (either ends a string's run of plain bytes: the one
+//!   well, the other with an error);
+//! - carry arithmetic on the backslash mask gives the bytes that odd runs
+//!   of backslashes escape, so escaped quotes are told from the one that
+//!   ends the string without visiting them;
+//! - the escaped bytes are checked against `"`, `n`, `t` and `r` (source
+//!   code's escapes) in one more SSE2 pass; only the others are looked at
+//!   one by one.
+//!
+//! Anything wrong in a block (a control byte, a bad escape) is handed to
+//! the byte-at-a-time scan from the block's start. It is the definition of
+//! what is accepted and where an error is, so the errors are the same
+//! whichever path finds them; it also reads the last bytes, fewer than a
+//! block. What it accepts is what serde_json accepts when it skips a
+//! string: no raw control bytes, escapes from JSON's list, `\u` with four
+//! hex digits (surrogates are not paired: serde_json does not pair them in
+//! strings it skips). The text is valid UTF-8 already; only ASCII matters.
+
+use super::json_syntax::SyntaxError;
+
+/// Where the string whose contents start at `at` (just after its opening
+/// quote) ends: the index after its closing quote.
+pub fn string_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+    // Whether the byte at `at` is escaped by a backslash run that ended
+    // the previous block.
+    let mut carry = false;
+    while let Some(block) = text.get(at..at + BLOCK) {
+        let masks = match BlockMasks::of(block) {
+            Some(masks) => masks,
+            None if !carry => {
+                at += BLOCK;
+                continue;
+            }
+            None => BlockMasks::default(),
+        };
+        let first_escaped = carry;
+        let escaped = escaped_bytes(masks.backslashes, &mut carry);
+        let ends = masks.ends & !escaped;
+        // The bits below the first end: the string's part of the block.
+        let inside = ends.wrapping_sub(1) & !ends;
+        let valid = escapes_are_valid(text, at, block, escaped & inside);
+        if valid && ends == 0 {
+            at += BLOCK;
+            continue;
+        }
+        let end = at + ends.trailing_zeros() as usize;
+        if valid && text[end] == b'"' {
+            return Ok(end + 1);
+        }
+        // A control byte or a bad escape: the byte-at-a-time scan says
+        // which and where, from the block's start (or from the backslash
+        // that escapes its first byte).
+        return string_end_bytewise(text, at - usize::from(first_escaped));
+    }
+    string_end_bytewise(text, at - usize::from(carry))
+}
+
+const BLOCK: usize = 64;
+
+/// The byte-at-a-time scan: the definition of a string's end and errors.
+fn string_end_bytewise(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+    while let Some(&byte) = text.get(at) {
+        match byte {
+            b'"' => return Ok(at + 1),
+            b'\\' => at = escape_end(text, at)?,
+            0..=0x1f => return Err(SyntaxError::new("control character in a string", at)),
+            _ => at += 1,
+        }
+    }
+    Err(SyntaxError::new("unexpected end in a string", at))
+}
+
+/// The escape at `at` (a backslash): where it ends.
+fn escape_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
+    match text.get(at + 1) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(at + 2),
+        Some(b'u') => match text.get(at + 2..at + 6) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => Ok(at + 6),
+            Some(_) => Err(SyntaxError::new("invalid \\u escape", at)),
+            None => Err(SyntaxError::new("unexpected end in a string", text.len())),
+        },
+        Some(_) => Err(SyntaxError::new("invalid escape", at)),
+        None => Err(SyntaxError::new("unexpected end in a string", text.len())),
+    }
+}
+
+/// Whether every escaped byte in `escaped` (bits of the block at `at`) is
+/// a valid escape. A `\u`'s hex digits may run into the next block: they
+/// are read from `text`, and they are never special bytes there.
+fn escapes_are_valid(text: &[u8], at: usize, block: &[u8], escaped: u64) -> bool {
+    if escaped == 0 {
+        return true;
+    }
+    let mut rare = escaped & !common_escapes(block);
+    while rare != 0 {
+        let backslash = at + rare.trailing_zeros() as usize - 1;
+        if escape_end(text, backslash).is_err() {
+            return false;
+        }
+        rare &= rare - 1;
+    }
+    true
+}
+
+/// The bits of the bytes escaped by the block's backslash runs: the byte
+/// after each run of odd length. `carry` says on entry whether the
+/// block's first byte is escaped (by a run that ended the previous block),
+/// and on return whether the next block's is.
+///
+/// Adding a run's first bit to the mask carries through the run and lands
+/// just after it; the run's length is odd when that bit's position and the
+/// start's differ in parity. Runs starting on even and on odd positions are
+/// added separately so that each keeps its own parity.
+fn escaped_bytes(backslashes: u64, carry: &mut bool) -> u64 {
+    const EVEN: u64 = 0x5555_5555_5555_5555;
+    const ODD: u64 = !EVEN;
+    let escaped_first = u64::from(*carry);
+    // An escaped backslash starts no escape.
+    let backslashes = backslashes & !escaped_first;
+    let starts = backslashes & !(backslashes << 1);
+    let (after_even, _) = backslashes.overflowing_add(starts & EVEN);
+    let (after_odd, odd_run_ends_the_block) = backslashes.overflowing_add(starts & ODD);
+    // A run from an odd start to the block's end has an odd length (64 is
+    // even); one from an even start has an even length and escapes nothing.
+    *carry = odd_run_ends_the_block;
+    ((after_even & ODD) | (after_odd & EVEN)) & !backslashes | escaped_first
+}
+
+/// A block's bit masks (bit i for byte i).
+#[derive(Default, Debug, PartialEq, Eq)]
+struct BlockMasks {
+    /// Quotes and control bytes.
+    ends: u64,
+    backslashes: u64,
+}
+
+impl BlockMasks {
+    /// The masks of a 64-byte block, or `None` when it holds no quote,
+    /// backslash or control byte (most of plain text's blocks).
+    #[cfg(target_arch = "x86_64")]
+    fn of(block: &[u8]) -> Option<Self> {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128,
+        };
+        // SAFETY: SSE2 is part of x86_64 itself (every x86_64 CPU has these
+        // instructions), and each load reads the 16 bytes of `lane`, with
+        // no alignment requirement.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let backslash = _mm_set1_epi8(b'\\' as i8);
+            let last_control = _mm_set1_epi8(0x1f);
+            let mut ends = [_mm_setzero_si128(); 4];
+            let mut backslashes = [_mm_setzero_si128(); 4];
+            let mut any = _mm_setzero_si128();
+            for (i, lane) in block.chunks_exact(16).take(4).enumerate() {
+                let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
+                // A byte is a control character where min(byte, 0x1f) == byte.
+                let control = _mm_cmpeq_epi8(_mm_min_epu8(bytes, last_control), bytes);
+                ends[i] = _mm_or_si128(_mm_cmpeq_epi8(bytes, quote), control);
+                backslashes[i] = _mm_cmpeq_epi8(bytes, backslash);
+                any = _mm_or_si128(any, _mm_or_si128(ends[i], backslashes[i]));
+            }
+            if _mm_movemask_epi8(any) == 0 {
+                return None;
+            }
+            let bits = |lanes: [__m128i; 4]| {
+                lanes.iter().enumerate().fold(0, |mask, (i, &lane)| {
+                    mask | u64::from(_mm_movemask_epi8(lane) as u16) << (16 * i)
+                })
+            };
+            Some(Self {
+                ends: bits(ends),
+                backslashes: bits(backslashes),
+            })
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn of(block: &[u8]) -> Option<Self> {
+        Self::of_bytewise(block)
+    }
+
+    /// The same masks, a byte at a time, where there is no SSE2 (and in
+    /// the tests, against the SSE2 ones).
+    #[cfg(any(test, not(target_arch = "x86_64")))]
+    fn of_bytewise(block: &[u8]) -> Option<Self> {
+        let masks = Self {
+            ends: bytes_where(block, |byte| matches!(byte, b'"' | 0..=0x1f)),
+            backslashes: bytes_where(block, |byte| byte == b'\\'),
+        };
+        (masks != Self::default()).then_some(masks)
+    }
+}
+
+/// The bits of a 64-byte block's `"`, `n`, `t` and `r`: the bytes that
+/// source code's escapes (`\"`, `\n`, `\t`, `\r`) escape.
+#[cfg(target_arch = "x86_64")]
+fn common_escapes(block: &[u8]) -> u64 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+    };
+    let mut mask = 0;
+    // SAFETY: as in `BlockMasks::of`: SSE2 only, unaligned 16-byte loads
+    // of `lane`.
+    unsafe {
+        let [quote, n, t, r] = [b'"', b'n', b't', b'r'].map(|byte| _mm_set1_epi8(byte as i8));
+        for (i, lane) in block.chunks_exact(16).take(4).enumerate() {
+            let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
+            let common = _mm_or_si128(
+                _mm_or_si128(_mm_cmpeq_epi8(bytes, quote), _mm_cmpeq_epi8(bytes, n)),
+                _mm_or_si128(_mm_cmpeq_epi8(bytes, t), _mm_cmpeq_epi8(bytes, r)),
+            );
+            mask |= u64::from(_mm_movemask_epi8(common) as u16) << (16 * i);
+        }
+    }
+    mask
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn common_escapes(block: &[u8]) -> u64 {
+    common_escapes_bytewise(block)
+}
+
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn common_escapes_bytewise(block: &[u8]) -> u64 {
+    bytes_where(block, |byte| matches!(byte, b'"' | b'n' | b't' | b'r'))
+}
+
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn bytes_where(block: &[u8], test: impl Fn(u8) -> bool) -> u64 {
+    block
+        .iter()
+        .take(BLOCK)
+        .enumerate()
+        .fold(0, |mask, (i, &byte)| mask | u64::from(test(byte)) << i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift64), for reproducible
+    /// random cases.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    /// The escaped bytes by definition: walk the block, a backslash that is
+    /// not itself escaped escapes the next byte.
+    fn escaped_bytes_walked(backslashes: u64, carry: bool) -> (u64, bool) {
+        let (mut escaped, mut pending) = (0, carry);
+        for i in 0..64 {
+            if pending {
+                escaped |= 1 << i;
+                pending = false;
+            } else if backslashes >> i & 1 == 1 {
+                pending = true;
+            }
+        }
+        // The escaped backslashes are not asked for, but a carried-in one is.
+        (escaped & !backslashes | u64::from(carry), pending)
+    }
+
+    #[test]
+    fn escaped_bytes_are_those_after_odd_runs() {
+        let mut random = Random(0x9e37_79b9_7f4a_7c15);
+        let mut masks = vec![
+            0,
+            u64::MAX,
+            u64::MAX << 1,
+            1 << 63,
+            3 << 62,
+            0x5555_5555_5555_5555,
+        ];
+        masks.push(!masks[5]);
+        for i in 0..200_000 {
+            let r = random.next();
+            // Dense, sparse and middling runs of backslashes.
+            masks.push(match i % 3 {
+                0 => r,
+                1 => r & random.next() & random.next(),
+                _ => r | random.next(),
+            });
+        }
+        for &backslashes in &masks {
+            for carry_in in [false, true] {
+                let mut carry = carry_in;
+                let escaped = escaped_bytes(backslashes, &mut carry);
+                assert_eq!(
+                    (escaped, carry),
+                    escaped_bytes_walked(backslashes, carry_in),
+                    "backslashes {backslashes:064b}, carry {carry_in}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_position_in_a_block_is_seen() {
+        // A quote, an escape or a control byte at each offset of the first
+        // two blocks, and escapes that straddle a block's end.
+        for at in 0..130 {
+            let mut text = vec![b'a'; 200];
+            text[at] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 1), "quote at {at}");
+            text[at] = 0x1f;
+            assert_eq!(string_end(&text, 0).unwrap_err().at, at, "control at {at}");
+            text[at] = b'\\';
+            text[at + 1] = b'u';
+            text[at + 2..at + 6].copy_from_slice(b"00e9");
+            text[at + 6] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 7), "escape at {at}");
+            text[at + 1] = b'"';
+            text[at + 2] = b'"';
+            assert_eq!(string_end(&text, 0), Ok(at + 3), "escaped quote at {at}");
+            text[at + 1] = b'x';
+            assert_eq!(
+                string_end(&text, 0).unwrap_err().at,
+                at,
+                "bad escape at {at}"
+            );
+        }
+    }
+
+    /// Random strings rich in what matters (quotes, runs of backslashes,
+    /// every escape, bad escapes, control bytes) across one to four
+    /// blocks: the block scan agrees with the byte-at-a-time one on the end
+    /// and on every error, what and where.
+    #[test]
+    fn the_block_scan_agrees_with_the_bytewise_one() {
+        let escape_material: &[u8] = b"\\\\\\\\\"nrtbf/u0aF";
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
+        let (mut accepted, mut past_a_block, mut refused) = (0, 0, 0);
+        for case in 0..300_000 {
+            let len = (random.next() % 260) as usize;
+            let one_in = 1 + random.next() % 40;
+            let text: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = random.next();
+                    let pick = |from: &[u8]| from[(r >> 32) as usize % from.len()];
+                    match r % 1000 {
+                        0..=3 => b'"',
+                        4 => pick(b"\x01\x1f\n"),
+                        _ if r.is_multiple_of(one_in) => pick(escape_material),
+                        _ => pick(b"abyz09 "),
+                    }
+                })
+                .collect();
+            let from = (case % 3).min(len);
+            let bytewise = string_end_bytewise(&text, from);
+            assert_eq!(
+                string_end(&text, from),
+                bytewise,
+                "{:?} from {from}",
+                String::from_utf8_lossy(&text)
+            );
+            if let Ok(end) = bytewise {
+                accepted += 1;
+                past_a_block += usize::from(end > from + BLOCK);
+            } else {
+                refused += 1;
+            }
+        }
+        // Both answers were well represented, and strings that end past
+        // their first block.
+        assert!(
+            accepted > 30_000 && past_a_block > 10_000 && refused > 30_000,
+            "{accepted} accepted ({past_a_block} past a block), {refused} refused"
+        );
+    }
+
+    #[test]
+    fn the_masks_agree_on_every_byte_at_every_position() {
+        // The byte-at-a-time masks are what non-x86_64 builds use; x86_64
+        // tests them against the SSE2 ones.
+        for byte in 0..=u8::MAX {
+            for at in 0..64 {
+                let mut block = [b'a'; 64];
+                block[at] = byte;
+                let masks = BlockMasks::of(&block);
+                assert_eq!(
+                    masks,
+                    BlockMasks::of_bytewise(&block),
+                    "byte {byte:#04x} at {at}"
+                );
+                let expected = BlockMasks {
+                    ends: u64::from(matches!(byte, b'"' | 0..=0x1f)) << at,
+                    backslashes: u64::from(byte == b'\\') << at,
+                };
+                assert_eq!(
+                    masks.unwrap_or_default(),
+                    expected,
+                    "byte {byte:#04x} at {at}"
+                );
+                assert_eq!(
+                    common_escapes(&block),
+                    common_escapes_bytewise(&block),
+                    "byte {byte:#04x} at {at}"
+                );
+                assert_eq!(
+                    common_escapes(&block),
+                    u64::from(matches!(byte, b'"' | b'n' | b't' | b'r')) << at,
+                    "byte {byte:#04x} at {at}"
+                );
+            }
+        }
+    }
+}
