@@ -17,6 +17,11 @@
 //!   code's escapes) in one more SSE2 pass; only the others are looked at
 //!   one by one.
 //!
+//! The contents' UTF-8 is checked once the end is found, and only where a
+//! block had a byte that is not ASCII: a coding agent's context is mostly
+//! ASCII, and then the body is read once instead of twice (the rest of a
+//! body is ASCII by JSON's grammar, which `json_syntax` checks).
+//!
 //! Anything wrong in a block (a control byte, a bad escape) is handed to
 //! the byte-at-a-time scan from the block's start. It is the definition of
 //! what is accepted and where an error is, so the errors are the same
@@ -24,25 +29,44 @@
 //! block. What it accepts is what serde_json accepts when it skips a
 //! string: no raw control bytes, escapes from JSON's list, `\u` with four
 //! hex digits (surrogates are not paired: serde_json does not pair them in
-//! strings it skips). The text is valid UTF-8 already; only ASCII matters.
+//! strings it skips), and the contents valid UTF-8.
 
 use super::json_syntax::SyntaxError;
 
 /// Where the string whose contents start at `at` (just after its opening
 /// quote) ends: the index after its closing quote.
-pub fn string_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
+pub fn string_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
+    let (end, non_ascii) = unchecked_string_end(text, at)?;
+    // The contents lie between two quotes, so they start and end on
+    // character boundaries: valid alone exactly when valid in the body.
+    let contents = &text[at..end - 1];
+    if non_ascii && simdutf8::basic::from_utf8(contents).is_err() {
+        // std says where; simdutf8's fast flavour only says whether.
+        let valid_up_to = std::str::from_utf8(contents)
+            .err()
+            .map_or(0, |e| e.valid_up_to());
+        return Err(SyntaxError::new(
+            "invalid UTF-8 in a string",
+            at + valid_up_to,
+        ));
+    }
+    Ok(end)
+}
+
+/// The string's end, and whether a byte of it (or of the block it ends
+/// in) is not ASCII; its UTF-8 is not checked.
+fn unchecked_string_end(text: &[u8], mut at: usize) -> Result<(usize, bool), SyntaxError> {
     // Whether the byte at `at` is escaped by a backslash run that ended
     // the previous block.
     let mut carry = false;
+    let mut non_ascii = false;
     while let Some(block) = text.get(at..at + BLOCK) {
-        let masks = match BlockMasks::of(block) {
-            Some(masks) => masks,
-            None if !carry => {
-                at += BLOCK;
-                continue;
-            }
-            None => BlockMasks::default(),
-        };
+        let masks = BlockMasks::of(block);
+        non_ascii |= masks.non_ascii;
+        if masks.ends | masks.backslashes == 0 && !carry {
+            at += BLOCK;
+            continue;
+        }
         let first_escaped = carry;
         let escaped = escaped_bytes(masks.backslashes, &mut carry);
         let ends = masks.ends & !escaped;
@@ -55,14 +79,17 @@ pub fn string_end(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
         }
         let end = at + ends.trailing_zeros() as usize;
         if valid && text[end] == b'"' {
-            return Ok(end + 1);
+            return Ok((end + 1, non_ascii));
         }
         // A control byte or a bad escape: the byte-at-a-time scan says
         // which and where, from the block's start (or from the backslash
-        // that escapes its first byte).
-        return string_end_bytewise(text, at - usize::from(first_escaped));
+        // that escapes its first byte). Were it to find an end instead,
+        // the contents would be checked as if not ASCII.
+        return string_end_bytewise(text, at - usize::from(first_escaped)).map(|end| (end, true));
     }
-    string_end_bytewise(text, at - usize::from(carry))
+    let from = at - usize::from(carry);
+    let end = string_end_bytewise(text, from)?;
+    Ok((end, non_ascii || !text[from..end].is_ascii()))
 }
 
 const BLOCK: usize = 64;
@@ -142,13 +169,14 @@ struct BlockMasks {
     /// Quotes and control bytes.
     ends: u64,
     backslashes: u64,
+    /// Whether any byte is not ASCII (its UTF-8 is then checked).
+    non_ascii: bool,
 }
 
 impl BlockMasks {
-    /// The masks of a 64-byte block, or `None` when it holds no quote,
-    /// backslash or control byte (most of plain text's blocks).
+    /// The masks of a 64-byte block.
     #[cfg(target_arch = "x86_64")]
-    fn of(block: &[u8]) -> Option<Self> {
+    fn of(block: &[u8]) -> Self {
         use std::arch::x86_64::{
             __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
             _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128,
@@ -163,6 +191,7 @@ impl BlockMasks {
             let mut ends = [_mm_setzero_si128(); 4];
             let mut backslashes = [_mm_setzero_si128(); 4];
             let mut any = _mm_setzero_si128();
+            let mut high_bits = _mm_setzero_si128();
             for (i, lane) in block.chunks_exact(16).take(4).enumerate() {
                 let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
                 // A byte is a control character where min(byte, 0x1f) == byte.
@@ -170,36 +199,43 @@ impl BlockMasks {
                 ends[i] = _mm_or_si128(_mm_cmpeq_epi8(bytes, quote), control);
                 backslashes[i] = _mm_cmpeq_epi8(bytes, backslash);
                 any = _mm_or_si128(any, _mm_or_si128(ends[i], backslashes[i]));
+                high_bits = _mm_or_si128(high_bits, bytes);
             }
+            let non_ascii = _mm_movemask_epi8(high_bits) != 0;
+            // Most of plain text's blocks: nothing to merge.
             if _mm_movemask_epi8(any) == 0 {
-                return None;
+                return Self {
+                    non_ascii,
+                    ..Self::default()
+                };
             }
             let bits = |lanes: [__m128i; 4]| {
                 lanes.iter().enumerate().fold(0, |mask, (i, &lane)| {
                     mask | u64::from(_mm_movemask_epi8(lane) as u16) << (16 * i)
                 })
             };
-            Some(Self {
+            Self {
                 ends: bits(ends),
                 backslashes: bits(backslashes),
-            })
+                non_ascii,
+            }
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn of(block: &[u8]) -> Option<Self> {
+    fn of(block: &[u8]) -> Self {
         Self::of_bytewise(block)
     }
 
     /// The same masks, a byte at a time, where there is no SSE2 (and in
     /// the tests, against the SSE2 ones).
     #[cfg(any(test, not(target_arch = "x86_64")))]
-    fn of_bytewise(block: &[u8]) -> Option<Self> {
-        let masks = Self {
+    fn of_bytewise(block: &[u8]) -> Self {
+        Self {
             ends: bytes_where(block, |byte| matches!(byte, b'"' | 0..=0x1f)),
             backslashes: bytes_where(block, |byte| byte == b'\\'),
-        };
-        (masks != Self::default()).then_some(masks)
+            non_ascii: !block.is_ascii(),
+        }
     }
 }
 
@@ -387,6 +423,37 @@ mod tests {
         );
     }
 
+    /// A string's contents must be UTF-8, wherever the scan meets them: in
+    /// a block, across blocks, in the last bytes; what follows the string
+    /// is not its business.
+    #[test]
+    fn contents_must_be_utf8() {
+        for at in [0, 1, 30, 62, 63, 64, 65, 127, 128, 150] {
+            // Two-byte characters from an odd offset when `at` is odd: one
+            // of them straddles the first block's end once `at` passes 64.
+            let mut text = format!("{}{}", "a".repeat(at % 2), "é".repeat(at / 2)).into_bytes();
+            text.extend_from_slice("x€y\"".as_bytes());
+            let end = text.len();
+            text.extend_from_slice(b"\xff\xfe");
+            assert_eq!(string_end(&text, 0), Ok(end), "valid up to {at}");
+            // An invalid byte inside.
+            let mut bad = text.clone();
+            bad.insert(at, 0xc3);
+            bad.insert(at + 1, b'(');
+            let error = string_end(&bad, 0).unwrap_err();
+            assert_eq!(
+                (error.what, error.at),
+                ("invalid UTF-8 in a string", at),
+                "invalid at {at}"
+            );
+            // A character cut short by the closing quote.
+            let mut cut = "a".repeat(at).into_bytes();
+            cut.extend_from_slice(&"€".as_bytes()[..2]);
+            cut.push(b'"');
+            assert_eq!(string_end(&cut, 0).unwrap_err().at, at, "cut at {at}");
+        }
+    }
+
     #[test]
     fn the_masks_agree_on_every_byte_at_every_position() {
         // The byte-at-a-time masks are what non-x86_64 builds use; x86_64
@@ -404,12 +471,9 @@ mod tests {
                 let expected = BlockMasks {
                     ends: u64::from(matches!(byte, b'"' | 0..=0x1f)) << at,
                     backslashes: u64::from(byte == b'\\') << at,
+                    non_ascii: byte >= 0x80,
                 };
-                assert_eq!(
-                    masks.unwrap_or_default(),
-                    expected,
-                    "byte {byte:#04x} at {at}"
-                );
+                assert_eq!(masks, expected, "byte {byte:#04x} at {at}");
                 assert_eq!(
                     common_escapes(&block),
                     common_escapes_bytewise(&block),

@@ -15,8 +15,9 @@
 //! (`\u` takes four hex digits; surrogates are not paired, as serde_json
 //! does not pair them in skipped strings), JSON numbers, `true`, `false`,
 //! `null`, and arrays and objects nested to any depth. Nesting is tracked
-//! with a bit per level on the heap, never by recursion. The text is
-//! expected to be valid UTF-8 already; only ASCII bytes matter here.
+//! with a bit per level on the heap, never by recursion. Strings' contents
+//! must be UTF-8 (`json_string` checks them); everywhere else the grammar
+//! allows ASCII only, so a text accepted here is valid UTF-8.
 //! The `request_body` fuzz target checks acceptance against serde_json.
 
 use std::fmt;

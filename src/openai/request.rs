@@ -90,14 +90,16 @@ impl BodyError {
 
 /// Reads `model` and `stream` from a JSON request body.
 pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
-    let text = utf8(body)?;
-    if text.trim().is_empty() {
-        return Err(BodyError::Empty);
-    }
-    let fields = read_top_level(text)?;
+    let fields = read_top_level(body).map_err(|e| match e {
+        BodyError::NotJson(_) | BodyError::NotObject => unreadable(body, e),
+        semantic => semantic,
+    })?;
 
     let span = fields.model.ok_or(BodyError::ModelMissing)?;
-    let raw_text = &text[span.clone()];
+    // The walk checked the body's UTF-8 (see `unreadable`): this cannot
+    // fail, and costs the length of the model's name.
+    let raw_text = std::str::from_utf8(&body[span.clone()])
+        .map_err(|e| BodyError::NotUtf8(span.start + e.valid_up_to()))?;
     let model: Cow<'_, str> = if raw_text.starts_with('"') && !raw_text.contains('\\') {
         // The common case: no escapes, borrow the characters between quotes.
         Cow::Borrowed(&raw_text[1..raw_text.len() - 1])
@@ -106,8 +108,12 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
     };
     check_model_name(&model).map_err(BodyError::InvalidModel)?;
 
-    let stream = fields.stream.is_some_and(|s| &text[s] == "true");
-    let max_output_tokens = fields.max_output.and_then(|v| text[v].parse::<u64>().ok());
+    let stream = fields.stream.is_some_and(|s| &body[s] == b"true");
+    let max_output_tokens = fields.max_output.and_then(|v| {
+        std::str::from_utf8(&body[v])
+            .ok()
+            .and_then(|digits| digits.parse::<u64>().ok())
+    });
     Ok(RequestSummary {
         model,
         model_span: span,
@@ -116,15 +122,24 @@ pub fn summarize(body: &[u8]) -> Result<RequestSummary<'_>, BodyError> {
     })
 }
 
-/// The body as text. A context of several MB is mostly ASCII: SIMD
-/// validation reads it several times faster than `std` does (std's check
-/// was 13 % of a large body's CPU, `bench/RESULTS.md` entry 32); std only
-/// says where an invalid body goes wrong.
-fn utf8(body: &[u8]) -> Result<&str, BodyError> {
-    simdutf8::basic::from_utf8(body).map_err(|_| {
-        let valid_up_to = std::str::from_utf8(body).map_or_else(|e| e.valid_up_to(), str::len);
-        BodyError::NotUtf8(valid_up_to)
-    })
+/// Why a body the walk could not read is refused, in the order a reader
+/// of it wants: not UTF-8 anywhere, then empty, then its syntax.
+///
+/// The walk checks UTF-8 only where it must: in strings with a byte that
+/// is not ASCII (JSON's grammar refuses such bytes anywhere else), so an
+/// accepted body is valid UTF-8 and a mostly-ASCII one is read once, not
+/// twice (`bench/RESULTS.md` entry 60). On refusal the whole body is
+/// checked, which keeps the errors what a check up front would give.
+fn unreadable(body: &[u8], syntax: BodyError) -> BodyError {
+    match simdutf8::basic::from_utf8(body) {
+        Err(_) => {
+            // std says where; simdutf8's fast flavour only says whether.
+            let valid_up_to = std::str::from_utf8(body).map_or_else(|e| e.valid_up_to(), str::len);
+            BodyError::NotUtf8(valid_up_to)
+        }
+        Ok(text) if text.trim().is_empty() => BodyError::Empty,
+        Ok(_) => syntax,
+    }
 }
 
 /// Returns `body` with the `model` value at `span` replaced by `new_model`.
@@ -153,13 +168,12 @@ struct Fields {
 /// counts as `model`, exactly as the provider will read it), its values
 /// only found. The first semantic problem is kept and the rest of the body
 /// still read, so a syntax error anywhere wins (it is the clearer message).
-fn read_top_level(text: &str) -> Result<Fields, BodyError> {
+fn read_top_level(body: &[u8]) -> Result<Fields, BodyError> {
     let mut fields = Fields::default();
     let mut problem = None;
-    json_syntax::for_each_member(text.as_bytes(), |key, value| {
-        let what = "invalid escape in a key";
-        let key_text = key_text(&text[key.clone()]).ok_or(SyntaxError {
-            what,
+    json_syntax::for_each_member(body, |key, value| {
+        let key_text = key_text(&body[key.clone()]).ok_or(SyntaxError {
+            what: "invalid escape in a key",
             at: key.start,
         })?;
         note_field(&mut fields, &mut problem, &key_text, value);
@@ -167,7 +181,7 @@ fn read_top_level(text: &str) -> Result<Fields, BodyError> {
     })
     .map_err(|e| match e {
         ObjectError::NotObject => BodyError::NotObject,
-        ObjectError::Syntax(e) => BodyError::NotJson(describe(text, &e)),
+        ObjectError::Syntax(e) => BodyError::NotJson(describe(body, &e)),
     })?;
     match problem {
         Some(p) => Err(p),
@@ -214,8 +228,9 @@ fn note_field(
 
 /// A key's text (quotes included) unescaped: borrowed when it has no
 /// escapes; `None` where serde_json would refuse it (an unpaired
-/// surrogate).
-fn key_text(quoted: &str) -> Option<Cow<'_, str>> {
+/// surrogate). The walk has checked its UTF-8.
+fn key_text(quoted: &[u8]) -> Option<Cow<'_, str>> {
+    let quoted = std::str::from_utf8(quoted).ok()?;
     if quoted.contains('\\') {
         serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
     } else {
@@ -225,8 +240,8 @@ fn key_text(quoted: &str) -> Option<Cow<'_, str>> {
 
 /// A syntax error as people read it: line and column, counted in bytes as
 /// serde_json counts them.
-fn describe(text: &str, e: &SyntaxError) -> String {
-    let before = &text.as_bytes()[..e.at.min(text.len())];
+fn describe(body: &[u8], e: &SyntaxError) -> String {
+    let before = &body[..e.at.min(body.len())];
     let line = 1 + memchr::memchr_iter(b'\n', before).count();
     let column = before.len() - memchr::memrchr(b'\n', before).map_or(0, |n| n + 1) + 1;
     format!("{} at line {line} column {column}", e.what)
