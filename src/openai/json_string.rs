@@ -7,14 +7,15 @@
 //! instead, simdjson's way, so the work per block does not depend on how
 //! many escapes it holds:
 //!
-//! - one SSE2 pass marks the block's backslashes, and its quotes and
-//!   control bytes (either ends a string's run of plain bytes: the one
-//!   well, the other with an error);
+//! - one vector pass (`json_blocks`: AVX2 where the CPU has it, else
+//!   SSE2) marks the block's backslashes, and its quotes and control bytes
+//!   (either ends a string's run of plain bytes: the one well, the other
+//!   with an error);
 //! - carry arithmetic on the backslash mask gives the bytes that odd runs
 //!   of backslashes escape, so escaped quotes are told from the one that
 //!   ends the string without visiting them;
 //! - the escaped bytes are checked against `"`, `n`, `t` and `r` (source
-//!   code's escapes) in one more SSE2 pass; only the others are looked at
+//!   code's escapes) in one more vector pass; only the others are looked at
 //!   one by one.
 //!
 //! The contents' UTF-8 is checked once the end is found, and only where a
@@ -31,12 +32,15 @@
 //! hex digits (surrogates are not paired: serde_json does not pair them in
 //! strings it skips), and the contents valid UTF-8.
 
+#[cfg(target_arch = "x86_64")]
+use super::json_blocks::Avx2;
+use super::json_blocks::{Baseline, Block, BlockReader, BLOCK};
 use super::json_syntax::SyntaxError;
 
 /// Where the string whose contents start at `at` (just after its opening
 /// quote) ends: the index after its closing quote.
 pub fn string_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
-    let (end, non_ascii) = unchecked_string_end(text, at)?;
+    let (end, non_ascii) = unchecked_string_end_here(text, at)?;
     // The contents lie between two quotes, so they start and end on
     // character boundaries: valid alone exactly when valid in the body.
     let contents = &text[at..end - 1];
@@ -53,15 +57,42 @@ pub fn string_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
     Ok(end)
 }
 
+/// `unchecked_string_end` with the best reader this CPU has.
+fn unchecked_string_end_here(text: &[u8], at: usize) -> Result<(usize, bool), SyntaxError> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx2) = Avx2::detect() {
+        // SAFETY: a value of `Avx2` exists only where the CPU has AVX2.
+        return unsafe { unchecked_string_end_avx2(avx2, text, at) };
+    }
+    unchecked_string_end(Baseline {}, text, at)
+}
+
+/// The scan compiled with AVX2 enabled, so that the reader's steps inline
+/// into its loop (a function without AVX2 cannot inline them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn unchecked_string_end_avx2(
+    avx2: Avx2,
+    text: &[u8],
+    at: usize,
+) -> Result<(usize, bool), SyntaxError> {
+    unchecked_string_end(avx2, text, at)
+}
+
 /// The string's end, and whether a byte of it (or of the block it ends
 /// in) is not ASCII; its UTF-8 is not checked.
-fn unchecked_string_end(text: &[u8], mut at: usize) -> Result<(usize, bool), SyntaxError> {
+#[inline(always)]
+fn unchecked_string_end(
+    reader: impl BlockReader,
+    text: &[u8],
+    mut at: usize,
+) -> Result<(usize, bool), SyntaxError> {
     // Whether the byte at `at` is escaped by a backslash run that ended
     // the previous block.
     let mut carry = false;
     let mut non_ascii = false;
-    while let Some(block) = text.get(at..at + BLOCK) {
-        let masks = BlockMasks::of(block);
+    while let Some(block) = text.get(at..).and_then(<[u8]>::first_chunk::<BLOCK>) {
+        let masks = reader.masks(block);
         non_ascii |= masks.non_ascii;
         if masks.ends | masks.backslashes == 0 && !carry {
             at += BLOCK;
@@ -72,7 +103,7 @@ fn unchecked_string_end(text: &[u8], mut at: usize) -> Result<(usize, bool), Syn
         let ends = masks.ends & !escaped;
         // The bits below the first end: the string's part of the block.
         let inside = ends.wrapping_sub(1) & !ends;
-        let valid = escapes_are_valid(text, at, block, escaped & inside);
+        let valid = escapes_are_valid(reader, text, at, block, escaped & inside);
         if valid && ends == 0 {
             at += BLOCK;
             continue;
@@ -91,8 +122,6 @@ fn unchecked_string_end(text: &[u8], mut at: usize) -> Result<(usize, bool), Syn
     let end = string_end_bytewise(text, from)?;
     Ok((end, non_ascii || !text[from..end].is_ascii()))
 }
-
-const BLOCK: usize = 64;
 
 /// The byte-at-a-time scan: the definition of a string's end and errors.
 fn string_end_bytewise(text: &[u8], mut at: usize) -> Result<usize, SyntaxError> {
@@ -124,11 +153,18 @@ fn escape_end(text: &[u8], at: usize) -> Result<usize, SyntaxError> {
 /// Whether every escaped byte in `escaped` (bits of the block at `at`) is
 /// a valid escape. A `\u`'s hex digits may run into the next block: they
 /// are read from `text`, and they are never special bytes there.
-fn escapes_are_valid(text: &[u8], at: usize, block: &[u8], escaped: u64) -> bool {
+#[inline(always)]
+fn escapes_are_valid(
+    reader: impl BlockReader,
+    text: &[u8],
+    at: usize,
+    block: &Block,
+    escaped: u64,
+) -> bool {
     if escaped == 0 {
         return true;
     }
-    let mut rare = escaped & !common_escapes(block);
+    let mut rare = escaped & !reader.common_escapes(block);
     while rare != 0 {
         let backslash = at + rare.trailing_zeros() as usize - 1;
         if escape_end(text, backslash).is_err() {
@@ -163,127 +199,9 @@ fn escaped_bytes(backslashes: u64, carry: &mut bool) -> u64 {
     ((after_even & ODD) | (after_odd & EVEN)) & !backslashes | escaped_first
 }
 
-/// A block's bit masks (bit i for byte i).
-#[derive(Default, Debug, PartialEq, Eq)]
-struct BlockMasks {
-    /// Quotes and control bytes.
-    ends: u64,
-    backslashes: u64,
-    /// Whether any byte is not ASCII (its UTF-8 is then checked).
-    non_ascii: bool,
-}
-
-impl BlockMasks {
-    /// The masks of a 64-byte block.
-    #[cfg(target_arch = "x86_64")]
-    fn of(block: &[u8]) -> Self {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
-            _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128,
-        };
-        // SAFETY: SSE2 is part of x86_64 itself (every x86_64 CPU has these
-        // instructions), and each load reads the 16 bytes of `lane`, with
-        // no alignment requirement.
-        unsafe {
-            let quote = _mm_set1_epi8(b'"' as i8);
-            let backslash = _mm_set1_epi8(b'\\' as i8);
-            let last_control = _mm_set1_epi8(0x1f);
-            let mut ends = [_mm_setzero_si128(); 4];
-            let mut backslashes = [_mm_setzero_si128(); 4];
-            let mut any = _mm_setzero_si128();
-            let mut high_bits = _mm_setzero_si128();
-            for (i, lane) in block.chunks_exact(16).take(4).enumerate() {
-                let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
-                // A byte is a control character where min(byte, 0x1f) == byte.
-                let control = _mm_cmpeq_epi8(_mm_min_epu8(bytes, last_control), bytes);
-                ends[i] = _mm_or_si128(_mm_cmpeq_epi8(bytes, quote), control);
-                backslashes[i] = _mm_cmpeq_epi8(bytes, backslash);
-                any = _mm_or_si128(any, _mm_or_si128(ends[i], backslashes[i]));
-                high_bits = _mm_or_si128(high_bits, bytes);
-            }
-            let non_ascii = _mm_movemask_epi8(high_bits) != 0;
-            // Most of plain text's blocks: nothing to merge.
-            if _mm_movemask_epi8(any) == 0 {
-                return Self {
-                    non_ascii,
-                    ..Self::default()
-                };
-            }
-            let bits = |lanes: [__m128i; 4]| {
-                lanes.iter().enumerate().fold(0, |mask, (i, &lane)| {
-                    mask | u64::from(_mm_movemask_epi8(lane) as u16) << (16 * i)
-                })
-            };
-            Self {
-                ends: bits(ends),
-                backslashes: bits(backslashes),
-                non_ascii,
-            }
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn of(block: &[u8]) -> Self {
-        Self::of_bytewise(block)
-    }
-
-    /// The same masks, a byte at a time, where there is no SSE2 (and in
-    /// the tests, against the SSE2 ones).
-    #[cfg(any(test, not(target_arch = "x86_64")))]
-    fn of_bytewise(block: &[u8]) -> Self {
-        Self {
-            ends: bytes_where(block, |byte| matches!(byte, b'"' | 0..=0x1f)),
-            backslashes: bytes_where(block, |byte| byte == b'\\'),
-            non_ascii: !block.is_ascii(),
-        }
-    }
-}
-
-/// The bits of a 64-byte block's `"`, `n`, `t` and `r`: the bytes that
-/// source code's escapes (`\"`, `\n`, `\t`, `\r`) escape.
-#[cfg(target_arch = "x86_64")]
-fn common_escapes(block: &[u8]) -> u64 {
-    use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-    };
-    let mut mask = 0;
-    // SAFETY: as in `BlockMasks::of`: SSE2 only, unaligned 16-byte loads
-    // of `lane`.
-    unsafe {
-        let [quote, n, t, r] = [b'"', b'n', b't', b'r'].map(|byte| _mm_set1_epi8(byte as i8));
-        for (i, lane) in block.chunks_exact(16).take(4).enumerate() {
-            let bytes = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
-            let common = _mm_or_si128(
-                _mm_or_si128(_mm_cmpeq_epi8(bytes, quote), _mm_cmpeq_epi8(bytes, n)),
-                _mm_or_si128(_mm_cmpeq_epi8(bytes, t), _mm_cmpeq_epi8(bytes, r)),
-            );
-            mask |= u64::from(_mm_movemask_epi8(common) as u16) << (16 * i);
-        }
-    }
-    mask
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn common_escapes(block: &[u8]) -> u64 {
-    common_escapes_bytewise(block)
-}
-
-#[cfg(any(test, not(target_arch = "x86_64")))]
-fn common_escapes_bytewise(block: &[u8]) -> u64 {
-    bytes_where(block, |byte| matches!(byte, b'"' | b'n' | b't' | b'r'))
-}
-
-#[cfg(any(test, not(target_arch = "x86_64")))]
-fn bytes_where(block: &[u8], test: impl Fn(u8) -> bool) -> u64 {
-    block
-        .iter()
-        .take(BLOCK)
-        .enumerate()
-        .fold(0, |mask, (i, &byte)| mask | u64::from(test(byte)) << i)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::json_blocks::Bytewise;
     use super::*;
 
     /// A small deterministic generator (xorshift64), for reproducible
@@ -402,12 +320,31 @@ mod tests {
                 .collect();
             let from = (case % 3).min(len);
             let bytewise = string_end_bytewise(&text, from);
+            let context = format!("{:?} from {from}", String::from_utf8_lossy(&text));
+            assert_eq!(string_end(&text, from), bytewise, "{context}");
+            // Each reader's scan, not only the one this CPU picks (the
+            // text is ASCII, so the UTF-8 check has nothing to add).
+            let unchecked = bytewise.clone().map(|end| (end, false));
+            let unchecked_end =
+                |result: Result<(usize, bool), SyntaxError>| result.map(|(end, _)| (end, false));
             assert_eq!(
-                string_end(&text, from),
-                bytewise,
-                "{:?} from {from}",
-                String::from_utf8_lossy(&text)
+                unchecked_end(unchecked_string_end(Bytewise, &text, from)),
+                unchecked,
+                "bytewise masks: {context}"
             );
+            assert_eq!(
+                unchecked_end(unchecked_string_end(Baseline {}, &text, from)),
+                unchecked,
+                "baseline masks: {context}"
+            );
+            #[cfg(target_arch = "x86_64")]
+            if let Some(avx2) = Avx2::detect() {
+                assert_eq!(
+                    unchecked_end(unchecked_string_end(avx2, &text, from)),
+                    unchecked,
+                    "AVX2 masks: {context}"
+                );
+            }
             if let Ok(end) = bytewise {
                 accepted += 1;
                 past_a_block += usize::from(end > from + BLOCK);
@@ -451,40 +388,6 @@ mod tests {
             cut.extend_from_slice(&"€".as_bytes()[..2]);
             cut.push(b'"');
             assert_eq!(string_end(&cut, 0).unwrap_err().at, at, "cut at {at}");
-        }
-    }
-
-    #[test]
-    fn the_masks_agree_on_every_byte_at_every_position() {
-        // The byte-at-a-time masks are what non-x86_64 builds use; x86_64
-        // tests them against the SSE2 ones.
-        for byte in 0..=u8::MAX {
-            for at in 0..64 {
-                let mut block = [b'a'; 64];
-                block[at] = byte;
-                let masks = BlockMasks::of(&block);
-                assert_eq!(
-                    masks,
-                    BlockMasks::of_bytewise(&block),
-                    "byte {byte:#04x} at {at}"
-                );
-                let expected = BlockMasks {
-                    ends: u64::from(matches!(byte, b'"' | 0..=0x1f)) << at,
-                    backslashes: u64::from(byte == b'\\') << at,
-                    non_ascii: byte >= 0x80,
-                };
-                assert_eq!(masks, expected, "byte {byte:#04x} at {at}");
-                assert_eq!(
-                    common_escapes(&block),
-                    common_escapes_bytewise(&block),
-                    "byte {byte:#04x} at {at}"
-                );
-                assert_eq!(
-                    common_escapes(&block),
-                    u64::from(matches!(byte, b'"' | b'n' | b't' | b'r')) << at,
-                    "byte {byte:#04x} at {at}"
-                );
-            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! onto Envoy's protocol.
 
 pub mod error;
+mod json_blocks;
 mod json_string;
 pub mod json_syntax;
 pub mod models;
