@@ -201,21 +201,8 @@ fn escaped_bytes(backslashes: u64, carry: &mut bool) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::json_blocks::Bytewise;
+    use super::super::json_blocks::{tests::Random, Bytewise};
     use super::*;
-
-    /// A small deterministic generator (xorshift64), for reproducible
-    /// random cases.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
 
     /// The escaped bytes by definition: walk the block, a backslash that is
     /// not itself escaped escapes the next byte.
