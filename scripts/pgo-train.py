@@ -17,9 +17,12 @@ runs hot, and leave the rest merely correct.
 Standard library only: the Docker build stage has Python but not the
 project's .venv.
 
-usage: pgo-train.py --extproc BIN --fake-upstream BIN --envoy BIN --workdir DIR
+usage: pgo-train.py --extproc BIN (--fake-upstream BIN | --upstream URL) --envoy BIN --workdir DIR
+(--upstream: an OpenAI-compatible fake already running, as in the test that
+keeps this script in step with the gateway)
 """
 import argparse
+import ctypes
 import http.client
 import json
 import os
@@ -39,6 +42,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def die_with_parent():
+    """In the child: SIGTERM when this script dies, even by SIGKILL, so a
+    killed build or test leaves no Envoy or processor behind (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def say(msg):
     print(f"[pgo-train] {msg}", flush=True)
 
@@ -52,7 +64,8 @@ class Processes:
 
     def start(self, name, argv):
         log = open(self.logdir / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             preexec_fn=die_with_parent)
         self.procs.append((name, p))
         return p
 
@@ -220,13 +233,13 @@ def run_threads(target, argsets):
         raise errors[0]
 
 
-def config_yaml(work, ports, spend, keys):
+def config_yaml(work, ports, upstream, spend, keys):
     cfg = f"""# Written by scripts/pgo-train.py: the training gateway.
 extproc: {{listen: "unix:{work}/extproc.sock"}}
 admin: {{listen: "127.0.0.1:{ports['admin']}"}}
 envoy: {{listen: "127.0.0.1:{ports['envoy']}"}}
 backends:
-  - {{name: fake, url: "http://127.0.0.1:{ports['upstream']}", api_key_file: "{work}/provider-key"}}
+  - {{name: fake, url: "{upstream}", api_key_file: "{work}/provider-key"}}
   - {{name: down, url: "http://127.0.0.1:{ports['down']}", api_key_file: "{work}/provider-key"}}
 models:
   - {{name: gpt-4o-mini, backend: fake}}
@@ -251,7 +264,9 @@ models:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extproc", required=True, type=Path)
-    ap.add_argument("--fake-upstream", required=True, type=Path)
+    up = ap.add_mutually_exclusive_group(required=True)
+    up.add_argument("--fake-upstream", type=Path, help="the fake_upstream example, started here")
+    up.add_argument("--upstream", help="the base URL of a fake that is already running")
     ap.add_argument("--envoy", required=True, type=Path)
     ap.add_argument("--workdir", required=True, type=Path)
     ap.add_argument("--requests", type=int, default=4000, help="small requests per phase (default 4000)")
@@ -259,7 +274,8 @@ def main():
 
     work = a.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    ports = {k: free_port() for k in ("admin", "envoy", "upstream", "down")}
+    ports = {k: free_port() for k in ("admin", "envoy", "down")}
+    upstream = a.upstream or f"http://127.0.0.1:{free_port()}"
     (work / "provider-key").write_text("sk-pgo-training-key\n")
     keys = ["gw-pgo-team-a-0123456789", "gw-pgo-team-b-0123456789"]
     (work / "client-keys.yaml").write_text(
@@ -268,11 +284,12 @@ def main():
         f"  - {{name: team-b, key: {keys[1]}, models: [\"gpt-*\", \"claude-*\", chained],\n"
         "     limits: {requests_per_minute: 1000000, tokens_per_day: 100000000000}}\n")
     cfg = work / "gateway.yaml"
-    cfg.write_text(config_yaml(work, ports, spend=False, keys=False))
+    cfg.write_text(config_yaml(work, ports, upstream, spend=False, keys=False))
 
     procs = Processes(work)
     try:
-        procs.start("fake-upstream", [str(a.fake_upstream), f"127.0.0.1:{ports['upstream']}"])
+        if a.fake_upstream:
+            procs.start("fake-upstream", [str(a.fake_upstream), upstream.removeprefix("http://")])
         extproc = procs.start("extproc", [str(a.extproc), "--config", str(cfg)])
         wait_until("the processor", lambda: request(
             http.client.HTTPConnection("127.0.0.1", ports["admin"], timeout=2), "GET", "/healthz")[0] == 200)
@@ -299,7 +316,7 @@ def main():
                     [("large", 10), ("small", 11)])
 
         say("live reload: spend limits on the memory store")
-        cfg.write_text(config_yaml(work, ports, spend=True, keys=False))
+        cfg.write_text(config_yaml(work, ports, upstream, spend=True, keys=False))
         wait_until("the reloaded config",
                    lambda: "configuration reloaded" in (work / "extproc.log").read_text(errors="replace"))
         run_threads(small_traffic, [(base, per // 2, None, 10 + s) for s in range(4)])
@@ -310,7 +327,7 @@ def main():
         code = procs.stop(extproc)
         if code != 0:
             raise SystemExit(f"pgo-train: the processor exited with {code}; see {work}/extproc.log")
-        cfg.write_text(config_yaml(work, ports, spend=True, keys=True))
+        cfg.write_text(config_yaml(work, ports, upstream, spend=True, keys=True))
         extproc = procs.start("extproc-keys", [str(a.extproc), "--config", str(cfg)])
 
         def keys_required():

@@ -5,7 +5,9 @@
 # is target/pgo/ai-gateway-extproc (bench/RESULTS.md entry 64: it is what
 # brings a stream's first byte to the ext_proc floor).
 #
-#   scripts/pgo.sh            # ENVOY=/path/to/envoy to use another Envoy than .venv's
+#   scripts/pgo.sh                  # ENVOY=/path/to/envoy to use another Envoy than .venv's
+#   scripts/pgo.sh --dependencies   # only build what the training needs (the Dockerfile's
+#                                   # cached layer, built on stub sources)
 #
 # The profile is taken fresh on every run, from the sources being built, so
 # it cannot go stale. It needs llvm-profdata of rustc's own LLVM (rustup's
@@ -31,7 +33,17 @@ plain() {
   exit 0
 }
 
-[ "${PGO:-on}" = off ] && plain "PGO=off"
+deps_only=false
+case "${1:-}" in
+  --dependencies) deps_only=true ;;
+  "") ;;
+  *) say "unknown argument: $1 (see the top of scripts/pgo.sh)" >&2; exit 2 ;;
+esac
+
+if [ "${PGO:-on}" = off ]; then
+  $deps_only && { cargo build --release --locked --bin ai-gateway-extproc; exit 0; }
+  plain "PGO=off"
+fi
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
@@ -40,8 +52,6 @@ if [ ! -x "$profdata" ] && command -v rustup >/dev/null 2>&1; then
   rustup component add llvm-tools >/dev/null 2>&1 || true
 fi
 [ -x "$profdata" ] || plain "no llvm-profdata for rustc's LLVM: rustup component add llvm-tools"
-[ -x "$ENVOY" ] || { say "no Envoy at $ENVOY: run scripts/setup.sh, or set ENVOY" >&2; exit 1; }
-
 # Fixed paths inside target/: cargo reuses the instrumented dependencies
 # from one run to the next (their flags, this path included, do not change).
 raw="$root/target/pgo-profile/raw"
@@ -51,6 +61,8 @@ say "1/3 instrumented build"
 CARGO_TARGET_DIR="$root/target/pgo-instrumented" RUSTFLAGS="-Cprofile-generate=$raw" \
   cargo build --release --locked --bin ai-gateway-extproc
 cargo build --release --locked --example fake_upstream
+$deps_only && exit 0
+[ -x "$ENVOY" ] || { say "no Envoy at $ENVOY: run scripts/setup.sh, or set ENVOY" >&2; exit 1; }
 
 say "2/3 training run (real Envoy, fake upstream)"
 work=$(mktemp -d "${TMPDIR:-/tmp}/ai-gateway-pgo.XXXXXX")

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    client, envoy_bin, extproc_bin, kubelet_swap, rename_key, repo_root, ChildGuard, ENVOY_VERSION,
+    client, envoy_bin, extproc_bin, kubelet_swap, python_bin, rename_key, repo_root, ChildGuard,
+    FakeUpstream, ENVOY_VERSION,
 };
 use serde_json::Value;
 
@@ -560,6 +561,50 @@ fn output_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The profile-guided build (`scripts/pgo.sh`, which the Dockerfile and the
+/// benchmark use) trains with `scripts/pgo-train.py`, which checks every
+/// answer it gets. Run here, shortened, against the processor under test and
+/// the real Envoy: a change that would break the training, and with it the
+/// image build, fails this test instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profile_guided_builds_training_runs_against_this_gateway() {
+    let upstream = FakeUpstream::start("fake-openai").await;
+    upstream.discard_bodies();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("train.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(python_bin());
+    cmd.arg(repo_root().join("scripts/pgo-train.py"))
+        .args(["--requests", "200", "--upstream", &upstream.url()])
+        .arg("--extproc")
+        .arg(extproc_bin())
+        .arg("--envoy")
+        .arg(envoy_bin())
+        .arg("--workdir")
+        .arg(dir.path().join("work"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let status = tokio::task::spawn_blocking(move || {
+        ChildGuard::spawn("scripts/pgo-train.py", cmd).wait_exit(Duration::from_secs(240))
+    })
+    .await
+    .unwrap();
+    let printed = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the training failed ({status:?}):\n{printed}"
+    );
+    assert!(printed.contains("trained in"), "{printed}");
+    // Both halves of the run reached the provider with its key: without
+    // gateway keys, and after the restart with them.
+    let keyed = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.header("authorization") == Some("Bearer sk-pgo-training-key"))
+        .count();
+    assert!(keyed >= 300, "{keyed} requests reached the provider");
 }
 
 /// No Docker engine here, so the Dockerfile is checked offline: every file
