@@ -4,8 +4,10 @@
 # Installs what is missing: .venv (scripts/setup.sh), nginx (Debian package,
 # the fast upstream), valgrind (Debian package, counts Envoy's instructions),
 # oha (crates.io, the load generator, into .venv/bin), and builds the
-# processor as shipped (scripts/pgo.sh: profile-guided) and the release
-# examples the runs use.
+# processor as shipped (scripts/pgo.sh: profile-guided, 5 to 6 min) and the
+# release examples the runs use. BENCH_EXTPROC=PATH benches that build
+# instead and skips scripts/pgo.sh (e.g. target/pgo/ai-gateway-extproc from
+# an earlier run, or a change's before and after in turn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
