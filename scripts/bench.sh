@@ -41,6 +41,6 @@ say "building the processor as shipped (scripts/pgo.sh) and the release examples
 mkdir -p target
 [ -n "${BENCH_EXTPROC:-}" ] || scripts/pgo.sh > target/pgo-build.log 2>&1 \
   || { say "scripts/pgo.sh failed; see target/pgo-build.log" >&2; tail -n 20 target/pgo-build.log >&2; exit 1; }
-cargo build --release --quiet --bin ai-gateway-extproc --example fake_upstream --example null_extproc --example spend_cost
+cargo build --release --quiet --example fake_upstream --example null_extproc --example spend_cost
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PATH="$PWD/.venv/bin:$PATH" OHA="$PWD/.venv/bin/oha" exec .venv/bin/python bench/bench.py "$@"

@@ -5,8 +5,8 @@ Runs an instrumented ai-gateway-extproc behind the real Envoy, in front of
 the project's fake OpenAI-compatible upstream, and sends it the traffic a
 production gateway sees: small chats and streams (most of it), embeddings,
 the Responses and Messages APIs, large bodies of prose, source code and
-non-ASCII text with `model` first or last, client errors (bad JSON, unknown
-models, wrong methods), a fallback chain whose first backend is down, and,
+non-ASCII text with `model` first or last, client errors (bad JSON, wrong
+types, a missing or unknown model), a fallback chain whose first backend is down, and,
 after a live config reload, gateway keys with spend limits on the memory
 store. The processor writes its profile when it exits on SIGTERM.
 
@@ -25,12 +25,10 @@ import argparse
 import ctypes
 import http.client
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
