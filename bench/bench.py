@@ -1510,8 +1510,10 @@ def write_results(a, rows):
         f"{' --variants' if a.variants else ''}{' --only ' + a.only if a.only != 'all' else ''}"
         f"{' --baseline ' + a.baseline.name if a.baseline else ''}`",
         f"- each load run {a.seconds} s, {a.connections} connections (oha), one Envoy worker each; "
-        f"A and B alternate {a.rounds} times per measure and the medians are shown "
-        "(time to first byte: sequential streams taken one at a time from each setup in turn); "
+        + (f"throughput and p50: gateway (B) and floor (A) in {2 * a.rounds} adjacent pairs of runs, the first of "
+           "each pair alternating, and the median of the pairs' ratios or differences "
+           if a.only == "latency" else f"A and B alternate {a.rounds} times per measure and the medians are shown ")
+        + "(time to first byte: sequential streams taken one at a time from each setup in turn); "
         "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",
         "",
         *table,
