@@ -383,7 +383,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     # medians of runs taken 10 s apart let a drift decide the row.
     for n in threads:
         pairs = paired(urls_b[n], urls_f[n], 2 * a.rounds, a, body=CHAT)
-        ratios = sorted(b["rps"] / f["rps"] for b, f in pairs)
+        ratios = sorted(gw["rps"] / fl["rps"] for gw, fl in pairs)
         b = statistics.median(p[0]["rps"] for p in pairs)
         f = statistics.median(p[1]["rps"] for p in pairs)
         rows.append((f"{n} worker thread(s): chat throughput (req/s), floor (A) and gateway (B), "
@@ -392,7 +392,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     base = alone_1k["p50"]
     for n in threads:
         pairs = paired(urls_b[n], urls_f[n], 2 * a.rounds, a, body=CHAT, rate=1000)
-        diffs = sorted(b["p50"] - f["p50"] for b, f in pairs)
+        diffs = sorted(gw["p50"] - fl["p50"] for gw, fl in pairs)
         b = statistics.median(p[0]["p50"] for p in pairs) - base
         f = statistics.median(p[1]["p50"] for p in pairs) - base
         rows.append((f"{n} worker thread(s): chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
@@ -1191,7 +1191,12 @@ def body_rows(procs, workdir, a):
             lat_b += sequential_ms(url_b, n, body=body)
             cpu.append((thread_cpu_seconds(ext.pid) - c0) / n * 1e3)
             t1, m1 = phase_seconds(admin, "request_body")
-            own.append((t1 - t0) / max(m1 - m0, 1) * 1e3)
+            # One body message per request: any other count means the
+            # timer did not see these requests, and a mean over nothing
+            # would read as a met target.
+            if m1 - m0 != n:
+                raise SystemExit(f"bench: {n} requests, {m1 - m0:g} request bodies timed by the processor")
+            own.append((t1 - t0) / n * 1e3)
             c0 = thread_cpu_seconds(null.pid)
             lat_f += sequential_ms(url_f, n, body=body)
             cpu_f.append((thread_cpu_seconds(null.pid) - c0) / n * 1e3)
