@@ -32,6 +32,7 @@ pub mod config_reload;
 pub mod decision;
 pub mod envoy_config;
 pub mod extproc;
+pub mod log_queue;
 pub mod logging;
 pub mod login;
 pub mod metrics;

@@ -1,11 +1,13 @@
 //! Logs to stdout, as `kubectl logs -c ai-gateway-extproc` shows them.
 //!
-//! Lines are written by a background thread: a request's log line must not
-//! make a tokio worker wait on a slow stdout pipe. The buffer applies
-//! back-pressure rather than dropping lines when it is full.
+//! Lines are written by a background thread ([`crate::log_queue`]): a
+//! request's log line must not make a tokio worker wait on a slow stdout
+//! pipe. The queue applies back-pressure rather than dropping lines when it
+//! is full.
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+
+use crate::log_queue::{self, LogFlush};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -17,20 +19,13 @@ pub enum LogFormat {
 /// Installs the global subscriber. `level` (from `--log-level`) wins over
 /// `RUST_LOG`; with neither, `info`. Keep the returned guard until exit: it
 /// flushes the last lines when dropped.
-pub fn init(level: Option<&str>, format: LogFormat) -> Result<WorkerGuard, String> {
+pub fn init(level: Option<&str>, format: LogFormat) -> Result<LogFlush, String> {
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level {l:?}: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        // The writer thread drains every queued line, then flushes: under
-        // load, one `write` carries many lines.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+    let (writer, guard) = log_queue::start(std::io::stdout())
+        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
