@@ -359,7 +359,8 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     with as many threads. Chat at saturation, chat at 1,000 req/s, and a
     stream's time to first byte. Throughput and p50 compare each gateway
     with its floor in adjacent pairs; streams are taken from Envoy alone
-    and every gateway and floor in turn."""
+    and every gateway and floor in turn. The same three again for a gateway
+    with spend control on (the memory store), with the fewest threads."""
     urls_b, urls_f = {}, {}
     for n in threads:
         cfg, _ = gateway_config(workdir, up, "uds", name=f"lat{n}")
@@ -368,9 +369,25 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
         urls_f[n] = start_envoy(procs, workdir, f"latf{n}",
                                 start_null_extproc(procs, workdir, up, f"latfloor{n}", threads=n))
     url_a = start_envoy(procs, workdir, "lata", plain_envoy(render(cfg)))
+    # The same targets with spend control on (the memory store), with the
+    # fewest threads: a gateway key with limits no run reaches, against the
+    # floor with as many threads. Both get the key's header, which the
+    # floor ignores.
+    keys = workdir / "client-keys-latlimits"
+    keys.mkdir()
+    (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {BENCH_LIMITS}}}\n")
+    cfg_l, _ = gateway_config(workdir, up, "uds", name="latlimits", extra=(
+        f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
+        'spend: {store: "memory", prices: [{model: "*", input: 0.15, output: 0.6}]}\n'))
+    few = min(threads)
+    start_extproc(procs, cfg_l, "latlimits", ["--worker-threads", str(few)])
+    url_l = start_envoy(procs, workdir, "latl", render(cfg_l))
+    auth = (f"authorization: Bearer {BENCH_KEY}",)
+    limited = f"{few} worker thread(s), limits on (memory store)"
     urls = [url_a, *urls_b.values(), *urls_f.values()]
     for url in urls:
         oha(url, 2, a.connections, CHAT)
+    oha(url_l, 2, a.connections, CHAT, headers=auth)
     rows = []
 
     # Envoy alone, for the rows' context only.
@@ -389,6 +406,12 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
         rows.append((f"{n} worker thread(s): chat throughput (req/s), floor (A) and gateway (B), "
                      f"{len(pairs)} adjacent pairs; Envoy alone {alone['rps']:,.0f}", f"{f:,.0f}", f"{b:,.0f}",
                      f"B/A {statistics.median(ratios):.2f} (pairs {ratios[0]:.2f} to {ratios[-1]:.2f})", "≥ 0.95"))
+    pairs = paired(url_l, urls_f[few], 2 * a.rounds, a, body=CHAT, headers=auth)
+    ratios = sorted(gw["rps"] / fl["rps"] for gw, fl in pairs)
+    rows.append((f"{limited}: chat throughput (req/s), floor (A) and gateway (B), {len(pairs)} adjacent pairs",
+                 f"{statistics.median(p[1]['rps'] for p in pairs):,.0f}",
+                 f"{statistics.median(p[0]['rps'] for p in pairs):,.0f}",
+                 f"B/A {statistics.median(ratios):.2f} (pairs {ratios[0]:.2f} to {ratios[-1]:.2f})", "≥ 0.95"))
     base = alone_1k["p50"]
     for n in threads:
         pairs = paired(urls_b[n], urls_f[n], 2 * a.rounds, a, body=CHAT, rate=1000)
@@ -399,12 +422,19 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
                      f"floor (A) and gateway (B), {len(pairs)} adjacent pairs", f"{f:+.2f} ms", f"{b:+.2f} ms",
                      f"{statistics.median(diffs):+.2f} ms (pairs {diffs[0]:+.2f} to {diffs[-1]:+.2f})",
                      "≤ +0.05 ms"))
-    ttfb = interleaved_ttfb(urls, 200 * a.rounds)
+    pairs = paired(url_l, urls_f[few], 2 * a.rounds, a, body=CHAT, rate=1000, headers=auth)
+    diffs = sorted(gw["p50"] - fl["p50"] for gw, fl in pairs)
+    rows.append((f"{limited}: chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
+                 f"floor (A) and gateway (B), {len(pairs)} adjacent pairs",
+                 f"{statistics.median(p[1]['p50'] for p in pairs) - base:+.2f} ms",
+                 f"{statistics.median(p[0]['p50'] for p in pairs) - base:+.2f} ms",
+                 f"{statistics.median(diffs):+.2f} ms (pairs {diffs[0]:+.2f} to {diffs[-1]:+.2f})", "≤ +0.05 ms"))
+    ttfb = interleaved_ttfb(urls + [url_l], 200 * a.rounds, headers={url_l: auth})
     p50 = {u: statistics.median(v) for u, v in ttfb.items()}
     base = p50[url_a]
-    for n in threads:
-        b, f = p50[urls_b[n]] - base, p50[urls_f[n]] - base
-        rows.append((f"{n} worker thread(s): stream time to first byte, p50 added to Envoy alone's {base:.2f} ms: "
+    for n, url_b, label in [*((n, urls_b[n], f"{n} worker thread(s)") for n in threads), (few, url_l, limited)]:
+        b, f = p50[url_b] - base, p50[urls_f[n]] - base
+        rows.append((f"{label}: stream time to first byte, p50 added to Envoy alone's {base:.2f} ms: "
                      f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0 ms"))
     return rows
 
@@ -728,15 +758,20 @@ def stream_connection(url):
     return http.client.HTTPConnection(host, int(port))
 
 
-def first_byte_ms(conn):
-    """One stream on `conn`: the time to its first body byte, in ms."""
+def first_byte_ms(conn, headers=()):
+    """One stream on `conn`: the time to its first body byte, in ms.
+    `headers`: more request headers, as `name: value` strings."""
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=CHAT_STREAM,
-                 headers={"content-type": "application/json", "x-bench-stream": "1"})
+                 headers={"content-type": "application/json", "x-bench-stream": "1",
+                          **dict(h.split(": ", 1) for h in headers)})
     r = conn.getresponse()
     r.read(1)
     ms = (time.perf_counter() - t0) * 1000
-    r.read()
+    body = r.read()
+    if r.status != 200:
+        # A refusal is fast: timing it would flatter the setup.
+        raise SystemExit(f"bench: a stream got {r.status}: {body[:200]!r}")
     return ms
 
 
@@ -748,23 +783,25 @@ def ttfb_samples(url, n):
     return samples
 
 
-def interleaved_ttfb(urls, n, warmup=50):
+def interleaved_ttfb(urls, n, warmup=50, headers=None):
     """Times to the first body byte of `n` sequential streams through each
     of `urls`, in ms: one stream per URL in turn, the order rotating, so
     that every setup meets the machine in the same state. Taken in blocks
     of 200 or 300 per URL instead, two copies of one build differed by up
-    to 110 µs; taken this way, by 10 to 40 (bench/RESULTS.md entry 50)."""
+    to 110 µs; taken this way, by 10 to 40 (bench/RESULTS.md entry 50).
+    `headers`: more request headers for some URLs, {url: ("name: value", ...)}."""
+    headers = headers or {}
     conns = {u: stream_connection(u) for u in urls}
     try:
-        for conn in conns.values():
+        for u, conn in conns.items():
             for _ in range(warmup):
-                first_byte_ms(conn)
+                first_byte_ms(conn, headers.get(u, ()))
         samples = {u: [] for u in urls}
         order = list(urls)
         for i in range(n):
             turn = i % len(order)
             for u in order[turn:] + order[:turn]:
-                samples[u].append(first_byte_ms(conns[u]))
+                samples[u].append(first_byte_ms(conns[u], headers.get(u, ())))
         return samples
     finally:
         for conn in conns.values():
