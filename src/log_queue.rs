@@ -68,7 +68,6 @@ impl Shared {
 }
 
 /// The writer the subscriber formats lines into.
-#[derive(Clone)]
 pub struct LogQueue {
     shared: Arc<Shared>,
 }
@@ -383,7 +382,16 @@ mod tests {
         let (queue, flush) = start(Gated(Arc::clone(&gate), Captured::default())).unwrap();
         (&queue).write_all(b"stuck\n").unwrap();
         let started = Instant::now();
-        drop(flush);
+        // In a thread of its own: a flush that waited for ever must fail
+        // the test, not hang it.
+        let (sent, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(flush);
+            let _ = sent.send(());
+        });
+        dropped
+            .recv_timeout(FLUSH_TIMEOUT * 5)
+            .expect("the flush waited for the stalled stdout");
         let took = started.elapsed();
         assert!(took >= FLUSH_TIMEOUT, "{took:?}");
         assert!(took < FLUSH_TIMEOUT * 5, "{took:?}");
