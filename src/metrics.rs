@@ -288,7 +288,7 @@ impl Metrics {
             budget_remaining: gauge(
                 &r,
                 "ai_gateway_budget_remaining",
-                "What is left of a limit in its current window (requests, tokens or US dollars), as of the key's last request.",
+                "What is left of a limit in its current window (requests, tokens or US dollars), as of the key's last settled request.",
                 &["key", "limit"],
             )?,
             spend_store_errors: {

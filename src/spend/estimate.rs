@@ -9,6 +9,8 @@
 //! instead of their length: a high-detail image costs OpenAI 765 to 1,105
 //! tokens however many bytes encode it.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 
 /// Tokens a `data:...;base64,...` URL counts for.
@@ -17,13 +19,19 @@ pub const TOKENS_PER_DATA_URL: u64 = 1_000;
 /// Bytes per token for everything else.
 const BYTES_PER_TOKEN: u64 = 4;
 
+/// What marks a base64 payload. Its searcher is built once: built per
+/// call (`memmem::find`), it was most of an admission's estimate, which
+/// sits before a request's first byte (bench/RESULTS.md entry 67).
+static BASE64_MARK: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b";base64,"));
+
 /// The input token estimate of a request body.
 pub fn input_tokens(body: &[u8]) -> u64 {
     let mut counted = body.len() as u64;
     let mut data_urls = 0;
     let mut rest = body;
     // A base64 payload holds no quote, so the string ends at the next one.
-    while let Some(at) = memmem::find(rest, b";base64,") {
+    while let Some(at) = BASE64_MARK.find(rest) {
         let payload = &rest[at + 8..];
         let end = memchr::memchr(b'"', payload).unwrap_or(payload.len());
         counted -= end as u64;

@@ -143,6 +143,57 @@ async fn a_settled_reservation_frees_what_was_not_used() {
     assert!(second.is_some(), "the unused tokens were not freed");
 }
 
+/// `ai_gateway_budget_remaining{key="team-a",limit=...}`, if published.
+fn remaining(metrics: &Metrics, limit: &str) -> Option<f64> {
+    let text = String::from_utf8(metrics.render()).unwrap();
+    let series = format!(r#"ai_gateway_budget_remaining{{key="team-a",limit="{limit}"}} "#);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+}
+
+#[tokio::test]
+async fn what_is_left_is_published_when_a_request_settles() {
+    let used = TokenUsage {
+        input: Some(100),
+        output: Some(20),
+        ..TokenUsage::default()
+    };
+    // 100 input tokens estimated and an 800 cap: 900 reserved of 1,100.
+    let cases = [
+        ("used", Settlement::Used(&used), 980.0),
+        ("upstream failed", Settlement::UpstreamFailed, 1100.0),
+        ("usage unknown", Settlement::Unknown, 200.0),
+    ];
+    for (name, ending, tokens_left) in cases {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let s = Spend::new(&SpendConfig::default(), Arc::clone(&metrics)).unwrap();
+        let keys = keys("{requests_per_minute: 10, tokens_per_minute: 1100}");
+        let key = keys.authorize(b"gw-team-a-0123456789").unwrap();
+        let r = s
+            .admit(
+                &config(Limits::default()),
+                &request(Some(&key), &[b'x'; 400], Some(800)),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        // Nothing at admission: it sits before the request's first byte.
+        assert_eq!(remaining(&metrics, "tokens_per_minute"), None, "{name}");
+        s.settle(r, ending);
+        assert_eq!(
+            remaining(&metrics, "tokens_per_minute"),
+            Some(tokens_left),
+            "{name}"
+        );
+        // The request counts however it ended.
+        assert_eq!(
+            remaining(&metrics, "requests_per_minute"),
+            Some(9.0),
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_error_gives_the_tokens_back_but_counts_the_request() {
     let s = spend();
