@@ -109,9 +109,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 max_output_tokens: None,
                             };
                             match spend.admit(&config, &request).await {
-                                Ok(Some(reservation)) => {
-                                    spend.settle(reservation, Settlement::Used(&usage))
-                                }
+                                Ok(Some(reservation)) => spend
+                                    .publish(spend.settle(reservation, Settlement::Used(&usage))),
                                 Ok(None) => {}
                                 Err(e) => panic!("refused: {}", e.message),
                             }

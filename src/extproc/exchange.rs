@@ -42,7 +42,7 @@ use crate::openai::usage::{Observed, UsageGap};
 use crate::openai::Endpoint;
 use crate::outcome::Outcome;
 use crate::routes::Backend;
-use crate::spend::{Reservation, Settlement, SpendRequest};
+use crate::spend::{Reservation, Settled, Settlement, SpendRequest};
 use crate::state::{GatewayState, Snapshot};
 
 /// The per-request state machine.
@@ -79,6 +79,8 @@ struct Forwarded {
     stream: bool,
     /// What spend control reserved for it, until settled.
     reservation: Option<Reservation>,
+    /// The settlement's metrics, published when the stream closes.
+    settled: Option<Settled>,
 }
 
 /// The gateway's own answer to a request.
@@ -313,8 +315,10 @@ impl Exchange {
 
     /// Settles the reservation, if any, once: how the request ended.
     fn settle(&mut self, ending: Settlement<'_>) {
-        if let Some(reservation) = self.forwarded.as_mut().and_then(|f| f.reservation.take()) {
-            self.state.spend.settle(reservation, ending);
+        if let Some(fwd) = self.forwarded.as_mut() {
+            if let Some(reservation) = fwd.reservation.take() {
+                fwd.settled = Some(self.state.spend.settle(reservation, ending));
+            }
         }
     }
 
@@ -576,6 +580,7 @@ impl From<Forward> for Forwarded {
             model: f.model,
             stream: f.stream,
             reservation: None,
+            settled: None,
         }
     }
 }
@@ -590,6 +595,11 @@ impl Drop for Exchange {
         // Cut short (the client left, a reset): the usage is unknown, so
         // the reservation stands as the charge.
         self.settle(Settlement::Unknown);
+        // Before the request line: whoever reads that line finds the
+        // spend in the metrics.
+        if let Some(settled) = self.forwarded.as_mut().and_then(|f| f.settled.take()) {
+            self.state.spend.publish(settled);
+        }
         if self.order.started() {
             self.report();
         }

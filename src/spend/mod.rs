@@ -83,6 +83,34 @@ impl std::fmt::Debug for Reservation {
     }
 }
 
+/// What a settlement leaves for the metrics, published by
+/// [`Spend::publish`] once the response's last answer is sent: a plain
+/// chat's client waits for that answer, and each lookup of a series by its
+/// labels costs about a microsecond with the caches as a request finds them
+/// (bench/RESULTS.md entry 67).
+#[must_use = "publish it once the response is answered"]
+pub struct Settled {
+    key: Option<Arc<str>>,
+    backend: Box<str>,
+    model: Box<str>,
+    /// What the request cost, when it is priced and not free.
+    spent_nano_usd: Option<i64>,
+    /// Input tokens counted over estimated, when the response said.
+    estimate_ratio: Option<f64>,
+    checks: Vec<Check>,
+    counted: Vec<i64>,
+    delta: Delta,
+}
+
+impl std::fmt::Debug for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settled")
+            .field("key", &self.key)
+            .field("delta", &self.delta)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How a reserved request ended.
 pub enum Settlement<'a> {
     /// The response ended and reported this usage.
@@ -256,18 +284,19 @@ impl Spend {
     }
 
     /// Replaces a reservation by what the request really used (or gives
-    /// its tokens back). Never waits: the response is never held up.
-    pub fn settle(&self, reservation: Reservation, ending: Settlement<'_>) {
+    /// its tokens back). Never waits: the response is never held up. The
+    /// metrics wait for [`Spend::publish`].
+    pub fn settle(&self, reservation: Reservation, ending: Settlement<'_>) -> Settled {
         let used = match ending {
             Settlement::Used(usage) => usage.total().map(|total| (total, usage)),
             _ => None,
         };
+        let mut estimate_ratio = None;
         let (tokens, nano_usd) = match (&ending, used) {
             (Settlement::UpstreamFailed, _) => (0, 0),
             (_, Some((total, usage))) => {
                 if let (Some(input), true) = (usage.input, reservation.estimated_input > 0) {
-                    self.metrics
-                        .token_estimate_ratio(input as f64 / reservation.estimated_input as f64);
+                    estimate_ratio = Some(input as f64 / reservation.estimated_input as f64);
                 }
                 let cost = reservation
                     .price
@@ -278,30 +307,48 @@ impl Spend {
             // Usage unknown: the reservation is the charge.
             _ => (reservation.tokens, reservation.nano_usd),
         };
-        if reservation.price.is_some() && nano_usd > 0 {
-            self.metrics.spent_usd(
-                reservation.key.as_deref().unwrap_or("-"),
-                &reservation.backend,
-                &reservation.model,
-                nano_to_usd(nano_usd),
-            );
-        }
         let delta = Delta {
             tokens: tokens - reservation.tokens,
             nano_usd: nano_usd - reservation.nano_usd,
         };
+        reservation
+            .store
+            .settle(reservation.windows, &reservation.checks, delta);
+        Settled {
+            spent_nano_usd: (reservation.price.is_some() && nano_usd > 0).then_some(nano_usd),
+            estimate_ratio,
+            key: reservation.key,
+            backend: reservation.backend,
+            model: reservation.model,
+            checks: reservation.checks,
+            counted: reservation.counted,
+            delta,
+        }
+    }
+
+    /// Puts a settlement in the metrics: what was spent, how far off the
+    /// estimate was, and what is left of each limit.
+    pub fn publish(&self, settled: Settled) {
+        if let Some(ratio) = settled.estimate_ratio {
+            self.metrics.token_estimate_ratio(ratio);
+        }
+        if let Some(nano_usd) = settled.spent_nano_usd {
+            self.metrics.spent_usd(
+                settled.key.as_deref().unwrap_or("-"),
+                &settled.backend,
+                &settled.model,
+                nano_to_usd(nano_usd),
+            );
+        }
         // As of this request: others settled or admitted meanwhile are
         // not in it (their own settlements publish theirs).
-        for (check, counted) in reservation.checks.iter().zip(&reservation.counted) {
+        for (check, counted) in settled.checks.iter().zip(&settled.counted) {
             if let Some(limit) = check.limit {
-                let used = counted.saturating_add(delta.of(check.kind)).max(0);
+                let used = counted.saturating_add(settled.delta.of(check.kind)).max(0);
                 self.metrics
                     .budget_remaining(check.scope.label(), check.kind, limit - used);
             }
         }
-        reservation
-            .store
-            .settle(reservation.windows, &reservation.checks, delta);
     }
 
     fn store_ok(&self) {

@@ -135,7 +135,7 @@ async fn a_settled_reservation_frees_what_was_not_used() {
         output: Some(20),
         ..TokenUsage::default()
     };
-    s.settle(first, Settlement::Used(&used));
+    s.publish(s.settle(first, Settlement::Used(&used)));
     let second = s
         .admit(&c, &request(Some(&key), &body, Some(800)))
         .await
@@ -152,7 +152,7 @@ fn remaining(metrics: &Metrics, limit: &str) -> Option<f64> {
 }
 
 #[tokio::test]
-async fn what_is_left_is_published_when_a_request_settles() {
+async fn what_is_left_is_published_after_the_settlement() {
     let used = TokenUsage {
         input: Some(100),
         output: Some(20),
@@ -177,9 +177,12 @@ async fn what_is_left_is_published_when_a_request_settles() {
             .await
             .unwrap()
             .unwrap();
-        // Nothing at admission: it sits before the request's first byte.
+        // Nothing at admission (it sits before the request's first
+        // byte), nor at settlement (before the response's last answer).
         assert_eq!(remaining(&metrics, "tokens_per_minute"), None, "{name}");
-        s.settle(r, ending);
+        let settled = s.settle(r, ending);
+        assert_eq!(remaining(&metrics, "tokens_per_minute"), None, "{name}");
+        s.publish(settled);
         assert_eq!(
             remaining(&metrics, "tokens_per_minute"),
             Some(tokens_left),
@@ -205,13 +208,13 @@ async fn an_upstream_error_gives_the_tokens_back_but_counts_the_request() {
         .await
         .unwrap()
         .unwrap();
-    s.settle(r, Settlement::UpstreamFailed);
+    s.publish(s.settle(r, Settlement::UpstreamFailed));
     let r = s
         .admit(&c, &request(Some(&key), b"{}", Some(999)))
         .await
         .unwrap()
         .unwrap();
-    s.settle(r, Settlement::Unknown);
+    s.publish(s.settle(r, Settlement::Unknown));
     // Two requests counted; and the unknown one kept its 999 tokens.
     let e = s
         .admit(&c, &request(Some(&key), b"{}", Some(1)))
