@@ -224,11 +224,11 @@ impl Spend {
             Err(e) => return self.store_failed(e, config.on_store_error),
         };
         match verdict {
-            // What is left is published when the request is settled, not
-            // here: four gauge lookups by label were a fifth of an
-            // admission, which delays a request's first byte, and the
-            // figure after the real usage is the truer one
-            // (bench/RESULTS.md entry 67).
+            // What is left is published with the settlement's metrics,
+            // after the response's last answer, not here: four gauge
+            // lookups by label were a fifth of an admission, which delays
+            // a request's first byte, and the figure after the real usage
+            // is the truer one (bench/RESULTS.md entry 67).
             Verdict::Admitted { windows, after } => Ok(Some(Reservation {
                 store: Arc::clone(store),
                 windows,
