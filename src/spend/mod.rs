@@ -102,15 +102,6 @@ pub struct Settled {
     delta: Delta,
 }
 
-impl std::fmt::Debug for Settled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settled")
-            .field("key", &self.key)
-            .field("delta", &self.delta)
-            .finish_non_exhaustive()
-    }
-}
-
 /// How a reserved request ended.
 pub enum Settlement<'a> {
     /// The response ended and reported this usage.
