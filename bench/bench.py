@@ -398,42 +398,34 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     # differences): the machine's drifts, which moved whole runs by 20 %
     # and more (entry 65), then fall on both sides of a pair alike. The
     # medians of runs taken 10 s apart let a drift decide the row.
-    for n in threads:
-        pairs = paired(urls_b[n], urls_f[n], 2 * a.rounds, a, body=CHAT)
+    # Each gateway against the floor with as many threads: (its label,
+    # its URL, the floor's, its request headers).
+    setups = [*((f"{n} worker thread(s)", urls_b[n], urls_f[n], ()) for n in threads),
+              (limited, url_l, urls_f[few], auth)]
+    for label, url_b, url_f, headers in setups:
+        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, headers=headers)
         ratios = sorted(gw["rps"] / fl["rps"] for gw, fl in pairs)
         b = statistics.median(p[0]["rps"] for p in pairs)
         f = statistics.median(p[1]["rps"] for p in pairs)
-        rows.append((f"{n} worker thread(s): chat throughput (req/s), floor (A) and gateway (B), "
-                     f"{len(pairs)} adjacent pairs; Envoy alone {alone['rps']:,.0f}", f"{f:,.0f}", f"{b:,.0f}",
+        context = "" if headers else f"; Envoy alone {alone['rps']:,.0f}"
+        rows.append((f"{label}: chat throughput (req/s), floor (A) and gateway (B), "
+                     f"{len(pairs)} adjacent pairs{context}", f"{f:,.0f}", f"{b:,.0f}",
                      f"B/A {statistics.median(ratios):.2f} (pairs {ratios[0]:.2f} to {ratios[-1]:.2f})", "≥ 0.95"))
-    pairs = paired(url_l, urls_f[few], 2 * a.rounds, a, body=CHAT, headers=auth)
-    ratios = sorted(gw["rps"] / fl["rps"] for gw, fl in pairs)
-    rows.append((f"{limited}: chat throughput (req/s), floor (A) and gateway (B), {len(pairs)} adjacent pairs",
-                 f"{statistics.median(p[1]['rps'] for p in pairs):,.0f}",
-                 f"{statistics.median(p[0]['rps'] for p in pairs):,.0f}",
-                 f"B/A {statistics.median(ratios):.2f} (pairs {ratios[0]:.2f} to {ratios[-1]:.2f})", "≥ 0.95"))
     base = alone_1k["p50"]
-    for n in threads:
-        pairs = paired(urls_b[n], urls_f[n], 2 * a.rounds, a, body=CHAT, rate=1000)
+    for label, url_b, url_f, headers in setups:
+        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, rate=1000, headers=headers)
         diffs = sorted(gw["p50"] - fl["p50"] for gw, fl in pairs)
         b = statistics.median(p[0]["p50"] for p in pairs) - base
         f = statistics.median(p[1]["p50"] for p in pairs) - base
-        rows.append((f"{n} worker thread(s): chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
+        rows.append((f"{label}: chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
                      f"floor (A) and gateway (B), {len(pairs)} adjacent pairs", f"{f:+.2f} ms", f"{b:+.2f} ms",
                      f"{statistics.median(diffs):+.2f} ms (pairs {diffs[0]:+.2f} to {diffs[-1]:+.2f})",
                      "≤ +0.05 ms"))
-    pairs = paired(url_l, urls_f[few], 2 * a.rounds, a, body=CHAT, rate=1000, headers=auth)
-    diffs = sorted(gw["p50"] - fl["p50"] for gw, fl in pairs)
-    rows.append((f"{limited}: chat at 1,000 req/s, p50 added to Envoy alone's {base:.2f} ms: "
-                 f"floor (A) and gateway (B), {len(pairs)} adjacent pairs",
-                 f"{statistics.median(p[1]['p50'] for p in pairs) - base:+.2f} ms",
-                 f"{statistics.median(p[0]['p50'] for p in pairs) - base:+.2f} ms",
-                 f"{statistics.median(diffs):+.2f} ms (pairs {diffs[0]:+.2f} to {diffs[-1]:+.2f})", "≤ +0.05 ms"))
     ttfb = interleaved_ttfb(urls + [url_l], 200 * a.rounds, headers={url_l: auth})
     p50 = {u: statistics.median(v) for u, v in ttfb.items()}
     base = p50[url_a]
-    for n, url_b, label in [*((n, urls_b[n], f"{n} worker thread(s)") for n in threads), (few, url_l, limited)]:
-        b, f = p50[url_b] - base, p50[urls_f[n]] - base
+    for label, url_b, url_f, _ in setups:
+        b, f = p50[url_b] - base, p50[url_f] - base
         rows.append((f"{label}: stream time to first byte, p50 added to Envoy alone's {base:.2f} ms: "
                      f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0 ms"))
     return rows
