@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -360,7 +361,11 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     stream's time to first byte. Throughput and p50 compare each gateway
     with its floor in adjacent pairs; streams are taken from Envoy alone
     and every gateway and floor in turn. The same three again for a gateway
-    with spend control on (the memory store), with the fewest threads."""
+    with spend control on (the memory store), with the fewest threads.
+    Every request carries `Authorization: Bearer`, as every OpenAI client
+    sends one: the gateway's credential hygiene is part of what it adds,
+    and a floor without the header would be spared a header's cost that
+    the gateway pays (bench/RESULTS.md entry 68)."""
     urls_b, urls_f = {}, {}
     for n in threads:
         cfg, _ = gateway_config(workdir, up, "uds", name=f"lat{n}")
@@ -371,8 +376,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     url_a = start_envoy(procs, workdir, "lata", plain_envoy(render(cfg)))
     # The same targets with spend control on (the memory store), with the
     # fewest threads: a gateway key with limits no run reaches, against the
-    # floor with as many threads. Both get the key's header, which the
-    # floor ignores.
+    # floor with as many threads.
     keys = workdir / "client-keys-latlimits"
     keys.mkdir()
     (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {BENCH_LIMITS}}}\n")
@@ -385,14 +389,13 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     auth = (f"authorization: Bearer {BENCH_KEY}",)
     limited = f"{few} worker thread(s), limits on (memory store)"
     urls = [url_a, *urls_b.values(), *urls_f.values()]
-    for url in urls:
-        oha(url, 2, a.connections, CHAT)
-    oha(url_l, 2, a.connections, CHAT, headers=auth)
+    for url in [*urls, url_l]:
+        oha(url, 2, a.connections, CHAT, headers=auth)
     rows = []
 
     # Envoy alone, for the rows' context only.
-    alone = alternate([url_a], body=CHAT)[0][0]
-    alone_1k = alternate([url_a], body=CHAT, rate=1000)[0][0]
+    alone = alternate([url_a], body=CHAT, headers=auth)[0][0]
+    alone_1k = alternate([url_a], body=CHAT, rate=1000, headers=auth)[0][0]
     # Gateway and floor in adjacent slots, each pair in the other order
     # from the last (BF, FB, ...), and the median of the pairs' ratios (or
     # differences): the machine's drifts, which moved whole runs by 20 %
@@ -400,20 +403,20 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     # medians of runs taken 10 s apart let a drift decide the row.
     # Each gateway against the floor with as many threads: (its label,
     # its URL, the floor's, its request headers).
-    setups = [*((f"{n} worker thread(s)", urls_b[n], urls_f[n], ()) for n in threads),
-              (limited, url_l, urls_f[few], auth)]
-    for label, url_b, url_f, headers in setups:
-        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, headers=headers)
+    setups = [*((f"{n} worker thread(s)", urls_b[n], urls_f[n]) for n in threads),
+              (limited, url_l, urls_f[few])]
+    for label, url_b, url_f in setups:
+        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, headers=auth)
         ratios = sorted(gw["rps"] / fl["rps"] for gw, fl in pairs)
         b = statistics.median(p[0]["rps"] for p in pairs)
         f = statistics.median(p[1]["rps"] for p in pairs)
-        context = "" if headers else f"; Envoy alone {alone['rps']:,.0f}"
+        context = "" if url_b == url_l else f"; Envoy alone {alone['rps']:,.0f}"
         rows.append((f"{label}: chat throughput (req/s), floor (A) and gateway (B), "
                      f"{len(pairs)} adjacent pairs{context}", f"{f:,.0f}", f"{b:,.0f}",
                      f"B/A {statistics.median(ratios):.2f} (pairs {ratios[0]:.2f} to {ratios[-1]:.2f})", "≥ 0.95"))
     base = alone_1k["p50"]
-    for label, url_b, url_f, headers in setups:
-        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, rate=1000, headers=headers)
+    for label, url_b, url_f in setups:
+        pairs = paired(url_b, url_f, 2 * a.rounds, a, body=CHAT, rate=1000, headers=auth)
         diffs = sorted(gw["p50"] - fl["p50"] for gw, fl in pairs)
         b = statistics.median(p[0]["p50"] for p in pairs) - base
         f = statistics.median(p[1]["p50"] for p in pairs) - base
@@ -421,10 +424,10 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
                      f"floor (A) and gateway (B), {len(pairs)} adjacent pairs", f"{f:+.2f} ms", f"{b:+.2f} ms",
                      f"{statistics.median(diffs):+.2f} ms (pairs {diffs[0]:+.2f} to {diffs[-1]:+.2f})",
                      "≤ +0.05 ms"))
-    ttfb = interleaved_ttfb(urls + [url_l], 200 * a.rounds, headers={url_l: auth})
+    ttfb = interleaved_ttfb(urls + [url_l], 200 * a.rounds, headers=dict.fromkeys([*urls, url_l], auth))
     p50 = {u: statistics.median(v) for u, v in ttfb.items()}
     base = p50[url_a]
-    for label, url_b, url_f, _ in setups:
+    for label, url_b, url_f in setups:
         b, f = p50[url_b] - base, p50[url_f] - base
         rows.append((f"{label}: stream time to first byte, p50 added to Envoy alone's {base:.2f} ms: "
                      f"floor (A) and gateway (B)", f"{f:+.2f} ms", f"{b:+.2f} ms", f"{b - f:+.2f} ms", "≤ +0 ms"))
@@ -777,10 +780,15 @@ def ttfb_samples(url, n):
 
 def interleaved_ttfb(urls, n, warmup=50, headers=None):
     """Times to the first body byte of `n` sequential streams through each
-    of `urls`, in ms: one stream per URL in turn, the order rotating, so
-    that every setup meets the machine in the same state. Taken in blocks
-    of 200 or 300 per URL instead, two copies of one build differed by up
-    to 110 µs; taken this way, by 10 to 40 (bench/RESULTS.md entry 50).
+    of `urls`, in ms: one stream per URL in each round, so that every setup
+    meets the machine in the same state. Taken in blocks of 200 or 300 per
+    URL instead, two copies of one build differed by up to 110 µs; taken
+    this way, by 10 to 40 (bench/RESULTS.md entry 50).
+    Each round's order is shuffled (a fixed seed, so runs are alike), and
+    no setup follows itself: the stream before moves a stream's first byte.
+    A fixed rotation had each setup follow the same one nearly always, and
+    the setup after Envoy alone gained 20 to 40 µs over one after a
+    processor's (entry 68).
     `headers`: more request headers for some URLs, {url: ("name: value", ...)}."""
     headers = headers or {}
     conns = {u: stream_connection(u) for u in urls}
@@ -789,11 +797,16 @@ def interleaved_ttfb(urls, n, warmup=50, headers=None):
             for _ in range(warmup):
                 first_byte_ms(conn, headers.get(u, ()))
         samples = {u: [] for u in urls}
-        order = list(urls)
-        for i in range(n):
-            turn = i % len(order)
-            for u in order[turn:] + order[:turn]:
+        rng = random.Random(n)
+        last = None
+        for _ in range(n):
+            order = list(urls)
+            rng.shuffle(order)
+            if order[0] == last and len(order) > 1:
+                order[0], order[-1] = order[-1], order[0]
+            for u in order:
                 samples[u].append(first_byte_ms(conns[u], headers.get(u, ())))
+            last = order[-1]
         return samples
     finally:
         for conn in conns.values():
