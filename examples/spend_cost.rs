@@ -109,8 +109,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 max_output_tokens: None,
                             };
                             match spend.admit(&config, &request).await {
-                                Ok(Some(reservation)) => spend
-                                    .publish(spend.settle(reservation, Settlement::Used(&usage))),
+                                Ok(Some(reservation)) => spend.publish(
+                                    spend.settle(reservation, Settlement::Used(&usage)),
+                                    "tars",
+                                    "gpt-4o-mini",
+                                ),
                                 Ok(None) => {}
                                 Err(e) => panic!("refused: {}", e.message),
                             }

@@ -77,10 +77,16 @@ struct Forwarded {
     chain: Option<(Box<str>, Arc<ChainRequest>)>,
     model: Option<Box<str>>,
     stream: bool,
-    /// What spend control reserved for it, until settled.
-    reservation: Option<Reservation>,
-    /// The settlement's metrics, published when the stream closes.
-    settled: Option<Settled>,
+    /// Where spend control is with it; `None` when nothing is metered.
+    spend: Option<Metered>,
+}
+
+/// A metered request's spend: reserved at admission, then settled once
+/// (how the request ended), then published when the stream closes.
+enum Metered {
+    Reserved(Reservation),
+    /// The store is corrected; the metrics wait for the stream's close.
+    Settled(Settled),
 }
 
 /// The gateway's own answer to a request.
@@ -283,7 +289,7 @@ impl Exchange {
             }
         };
         let mut forwarded = Forwarded::from(forward);
-        forwarded.reservation = reservation;
+        forwarded.spend = reservation.map(Metered::Reserved);
         forwarded.chain = chain;
         self.forwarded = Some(forwarded);
         reply::request_body(changes)
@@ -316,9 +322,13 @@ impl Exchange {
     /// Settles the reservation, if any, once: how the request ended.
     fn settle(&mut self, ending: Settlement<'_>) {
         if let Some(fwd) = self.forwarded.as_mut() {
-            if let Some(reservation) = fwd.reservation.take() {
-                fwd.settled = Some(self.state.spend.settle(reservation, ending));
-            }
+            fwd.spend = match fwd.spend.take() {
+                Some(Metered::Reserved(reservation)) => Some(Metered::Settled(
+                    self.state.spend.settle(reservation, ending),
+                )),
+                // Settled already (or never metered): it stays as it is.
+                other => other,
+            };
         }
     }
 
@@ -465,10 +475,11 @@ impl Exchange {
         if hop.backend.name == fwd.backend.name {
             return;
         }
-        if let Some(r) = fwd.reservation.as_mut() {
+        if let Some(Metered::Reserved(r)) = fwd.spend.as_mut() {
             self.state.spend.answered_by(
                 r,
                 &self.snapshot.config.spend,
+                fwd.model.as_deref().unwrap_or_default(),
                 &hop.backend.name,
                 hop.upstream_model.as_deref(),
             );
@@ -579,8 +590,7 @@ impl From<Forward> for Forwarded {
             chain: None,
             model: f.model,
             stream: f.stream,
-            reservation: None,
-            settled: None,
+            spend: None,
         }
     }
 }
@@ -597,8 +607,11 @@ impl Drop for Exchange {
         self.settle(Settlement::Unknown);
         // Before the request line: whoever reads that line finds the
         // spend in the metrics.
-        if let Some(settled) = self.forwarded.as_mut().and_then(|f| f.settled.take()) {
-            self.state.spend.publish(settled);
+        if let Some(fwd) = self.forwarded.as_mut() {
+            if let Some(Metered::Settled(settled)) = fwd.spend.take() {
+                let model = fwd.model.as_deref().unwrap_or_default();
+                self.state.spend.publish(settled, &fwd.backend.name, model);
+            }
         }
         if self.order.started() {
             self.report();

@@ -69,8 +69,6 @@ pub struct Reservation {
     price: Option<Price>,
     /// The gateway key's name; `None` when clients present no keys.
     key: Option<Arc<str>>,
-    backend: Box<str>,
-    model: Box<str>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -87,12 +85,11 @@ impl std::fmt::Debug for Reservation {
 /// [`Spend::publish`] once the response's last answer is sent: a plain
 /// chat's client waits for that answer, and each lookup of a series by its
 /// labels costs about a microsecond with the caches as a request finds them
-/// (bench/RESULTS.md entry 67).
+/// (bench/RESULTS.md entry 67). The backend and model it is published
+/// under are the exchange's: it knows which backend of a chain answered.
 #[must_use = "publish it once the response is answered"]
 pub struct Settled {
     key: Option<Arc<str>>,
-    backend: Box<str>,
-    model: Box<str>,
     /// What the request cost, when it is priced and not free.
     spent_nano_usd: Option<i64>,
     /// Input tokens counted over estimated, when the response said.
@@ -230,8 +227,6 @@ impl Spend {
                 estimated_input,
                 price,
                 key: request.key.map(|k| Arc::clone(&k.name)),
-                backend: request.backend.into(),
-                model: request.model.into(),
             })),
             Verdict::Refused {
                 index,
@@ -253,25 +248,24 @@ impl Spend {
         }
     }
 
-    /// Moves a reservation to the backend of a fallback chain that
-    /// answered: its usage is priced at that backend's prices. Where they
-    /// are unknown, the reservation's own estimate is the charge (never
-    /// free).
+    /// Moves a reservation of `model` to the backend of a fallback chain
+    /// that answered: its usage is priced at that backend's prices. Where
+    /// they are unknown, the reservation's own estimate is the charge
+    /// (never free).
     pub fn answered_by(
         &self,
         reservation: &mut Reservation,
         config: &SpendConfig,
+        model: &str,
         backend: &str,
         upstream_model: Option<&str>,
     ) {
-        let model = &*reservation.model;
         reservation.price = self.prices.price(
             &config.prices,
             model,
             backend,
             upstream_model.unwrap_or(model),
         );
-        reservation.backend = backend.into();
     }
 
     /// Replaces a reservation by what the request really used (or gives
@@ -309,25 +303,24 @@ impl Spend {
             spent_nano_usd: (reservation.price.is_some() && nano_usd > 0).then_some(nano_usd),
             estimate_ratio,
             key: reservation.key,
-            backend: reservation.backend,
-            model: reservation.model,
             checks: reservation.checks,
             counted: reservation.counted,
             delta,
         }
     }
 
-    /// Puts a settlement in the metrics: what was spent, how far off the
-    /// estimate was, and what is left of each limit.
-    pub fn publish(&self, settled: Settled) {
+    /// Puts a settlement in the metrics: what was spent (on `backend`, for
+    /// `model` as the client named it), how far off the estimate was, and
+    /// what is left of each limit.
+    pub fn publish(&self, settled: Settled, backend: &str, model: &str) {
         if let Some(ratio) = settled.estimate_ratio {
             self.metrics.token_estimate_ratio(ratio);
         }
         if let Some(nano_usd) = settled.spent_nano_usd {
             self.metrics.spent_usd(
                 settled.key.as_deref().unwrap_or("-"),
-                &settled.backend,
-                &settled.model,
+                backend,
+                model,
                 nano_to_usd(nano_usd),
             );
         }

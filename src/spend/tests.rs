@@ -135,7 +135,11 @@ async fn a_settled_reservation_frees_what_was_not_used() {
         output: Some(20),
         ..TokenUsage::default()
     };
-    s.publish(s.settle(first, Settlement::Used(&used)));
+    s.publish(
+        s.settle(first, Settlement::Used(&used)),
+        "tars",
+        "gpt-4o-mini",
+    );
     let second = s
         .admit(&c, &request(Some(&key), &body, Some(800)))
         .await
@@ -182,7 +186,7 @@ async fn what_is_left_is_published_after_the_settlement() {
         assert_eq!(remaining(&metrics, "tokens_per_minute"), None, "{name}");
         let settled = s.settle(r, ending);
         assert_eq!(remaining(&metrics, "tokens_per_minute"), None, "{name}");
-        s.publish(settled);
+        s.publish(settled, "tars", "gpt-4o-mini");
         assert_eq!(
             remaining(&metrics, "tokens_per_minute"),
             Some(tokens_left),
@@ -208,13 +212,17 @@ async fn an_upstream_error_gives_the_tokens_back_but_counts_the_request() {
         .await
         .unwrap()
         .unwrap();
-    s.publish(s.settle(r, Settlement::UpstreamFailed));
+    s.publish(
+        s.settle(r, Settlement::UpstreamFailed),
+        "tars",
+        "gpt-4o-mini",
+    );
     let r = s
         .admit(&c, &request(Some(&key), b"{}", Some(999)))
         .await
         .unwrap()
         .unwrap();
-    s.publish(s.settle(r, Settlement::Unknown));
+    s.publish(s.settle(r, Settlement::Unknown), "tars", "gpt-4o-mini");
     // Two requests counted; and the unknown one kept its 999 tokens.
     let e = s
         .admit(&c, &request(Some(&key), b"{}", Some(1)))
