@@ -1560,7 +1560,7 @@ def write_results(a, rows):
         + (f"throughput and p50: gateway (B) and floor (A) in {2 * a.rounds} adjacent pairs of runs, the first of "
            "each pair alternating, and the median of the pairs' ratios or differences "
            if a.only == "latency" else f"A and B alternate {a.rounds} times per measure and the medians are shown ")
-        + "(time to first byte: sequential streams taken one at a time from each setup in turn); "
+        + "(time to first byte: sequential streams, one from each setup per round, each round's order shuffled); "
         "B uses a Unix socket to the processor (the TCP figure is B over TCP); the processor logs at info",
         "",
         *table,
