@@ -360,7 +360,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     with as many threads. Chat at saturation, chat at 1,000 req/s, and a
     stream's time to first byte. Throughput and p50 compare each gateway
     with its floor in adjacent pairs; streams are taken from Envoy alone
-    and every gateway and floor in turn. The same three again for a gateway
+    and every gateway and floor, one each per round. The same three again for a gateway
     with spend control on (the memory store), with the fewest threads.
     Every request carries `Authorization: Bearer`, as every OpenAI client
     sends one: the gateway's credential hygiene is part of what it adds,
@@ -377,12 +377,8 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     # The same targets with spend control on (the memory store), with the
     # fewest threads: a gateway key with limits no run reaches, against the
     # floor with as many threads.
-    keys = workdir / "client-keys-latlimits"
-    keys.mkdir()
-    (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {BENCH_LIMITS}}}\n")
-    cfg_l, _ = gateway_config(workdir, up, "uds", name="latlimits", extra=(
-        f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
-        'spend: {store: "memory", prices: [{model: "*", input: 0.15, output: 0.6}]}\n'))
+    cfg_l, _ = gateway_config(workdir, up, "uds", name="latlimits",
+                              extra=keyed_gateway_extra(workdir, "latlimits", BENCH_LIMITS))
     few = min(threads)
     start_extproc(procs, cfg_l, "latlimits", ["--worker-threads", str(few)])
     url_l = start_envoy(procs, workdir, "latl", render(cfg_l))
@@ -402,7 +398,7 @@ def latency_rows(procs, workdir, up, a, alternate, threads=(1, 2)):
     # and more (entry 65), then fall on both sides of a pair alike. The
     # medians of runs taken 10 s apart let a drift decide the row.
     # Each gateway against the floor with as many threads: (its label,
-    # its URL, the floor's, its request headers).
+    # its URL, the floor's).
     setups = [*((f"{n} worker thread(s)", urls_b[n], urls_f[n]) for n in threads),
               (limited, url_l, urls_f[few])]
     for label, url_b, url_f in setups:
@@ -1062,6 +1058,17 @@ def redis_usec_per_call(url):
     return float("nan")
 
 
+def keyed_gateway_extra(workdir, name, limits, store="memory"):
+    """The config lines of a gateway whose clients present the bench key
+    (with `limits`, a YAML mapping) and whose spend control uses `store`;
+    writes the key file under `workdir`."""
+    keys = workdir / f"client-keys-{name}"
+    keys.mkdir()
+    (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {limits}}}\n")
+    return (f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
+            f'spend: {{store: "{store}", prices: [{{model: "*", input: 0.15, output: 0.6}}]}}\n')
+
+
 def spend_cost(store, requests):
     """One admission and its settlement measured in-process (the processor's
     spend code alone, without Envoy or gRPC): examples/spend_cost.rs."""
@@ -1076,11 +1083,7 @@ def spend_rows(procs, workdir, up, a, alternate, rates):
     urls, exts = [], []
     for name, limits, store in (("nolimits", "{}", "memory"), ("memory", BENCH_LIMITS, "memory"),
                                 ("redis", BENCH_LIMITS, redis_url)):
-        keys = workdir / f"client-keys-{name}"
-        keys.mkdir()
-        (keys / "keys.yaml").write_text(f"keys:\n  - {{name: bench, key: {BENCH_KEY}, limits: {limits}}}\n")
-        extra = (f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
-                 f'spend: {{store: "{store}", prices: [{{model: "*", input: 0.15, output: 0.6}}]}}\n')
+        extra = keyed_gateway_extra(workdir, name, limits, store)
         cfg, _ = gateway_config(workdir, up, "uds", name=f"spend-{name}", extra=extra)
         exts.append(start_extproc(procs, cfg, f"spend-{name}"))
         urls.append(start_envoy(procs, workdir, f"spend-{name}", render(cfg)))

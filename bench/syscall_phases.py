@@ -69,17 +69,10 @@ def start_setups(procs, work, up, names):
             pid = procs.procs[-1][1].pid
             url = b.start_envoy(procs, work, name, bootstrap)
         else:
-            extra = ""
-            if name in ("key", "limits"):
-                keys = work / f"keys-{name}"
-                keys.mkdir()
-                limits = b.BENCH_LIMITS if name == "limits" else "{}"
-                (keys / "keys.yaml").write_text(
-                    f"keys:\n  - {{name: bench, key: {b.BENCH_KEY}, limits: {limits}}}\n")
-                extra = (f'client_keys: {{file: "{keys / "keys.yaml"}"}}\n'
-                         'spend: {store: "memory", prices: [{model: "*", input: 0.15, output: 0.6}]}\n')
-            elif name != "nokeys":
+            limits = {"nokeys": None, "key": "{}", "limits": b.BENCH_LIMITS}
+            if name not in limits:
                 raise SystemExit(f"syscall_phases: unknown setup {name!r}")
+            extra = "" if limits[name] is None else b.keyed_gateway_extra(work, name, limits[name])
             cfg, _ = b.gateway_config(work, up, "uds", name=name, extra=extra)
             pid = b.start_extproc(procs, cfg, name, ["--worker-threads", "1"]).pid
             url = b.start_envoy(procs, work, name, b.render(cfg))
