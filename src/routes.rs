@@ -186,24 +186,29 @@ impl RouteTable {
 /// `*`-only glob match: `*` stands for any run of characters, every other
 /// character for itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    // `split` always yields a first part: the literal before the first `*`.
-    let first = parts.next().unwrap_or("");
-    let Some(mut rest) = name.strip_prefix(first) else {
+    let Some((first, tail)) = pattern.split_once('*') else {
+        // No `*` at all: the name is the literal.
+        return pattern == name;
+    };
+    let (middles, last) = tail.rsplit_once('*').unwrap_or(("", tail));
+    // The literals before the first `*` and after the last one pin the
+    // name's ends; they must not overlap.
+    let Some(rest) = name.strip_prefix(first) else {
         return false;
     };
-    let mut parts: Vec<&str> = parts.collect();
-    let Some(last) = parts.pop() else {
-        // No `*` at all: the whole name must have been the literal.
-        return rest.is_empty();
+    let Some(mut rest) = rest.strip_suffix(last) else {
+        return false;
     };
-    for middle in parts {
+    // Between them, each middle literal in order, each as early as it
+    // occurs: if any placement fits, the earliest does. Per request, so
+    // nothing is collected.
+    for middle in middles.split('*') {
         match rest.find(middle) {
             Some(at) => rest = &rest[at + middle.len()..],
             None => return false,
         }
     }
-    rest.len() >= last.len() && rest.ends_with(last)
+    true
 }
 
 #[cfg(test)]
@@ -287,5 +292,40 @@ models:
         assert!(glob_match("gpt", "gpt"));
         // Overlap between prefix and suffix must not count twice.
         assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    /// Every pattern and name over a small alphabet, against a matcher
+    /// that tries every split (slow, obviously right).
+    #[test]
+    fn glob_agrees_with_trying_every_split() {
+        fn reference(p: &[u8], n: &[u8]) -> bool {
+            match p.split_first() {
+                None => n.is_empty(),
+                Some((b'*', p)) => (0..=n.len()).any(|i| reference(p, &n[i..])),
+                Some((c, p)) => n.first() == Some(c) && reference(p, &n[1..]),
+            }
+        }
+        fn words(alphabet: &[u8], max: usize) -> Vec<String> {
+            let mut all = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..max {
+                last = last
+                    .iter()
+                    .flat_map(|w| alphabet.iter().map(move |&c| format!("{w}{}", c as char)))
+                    .collect();
+                all.extend(last.iter().cloned());
+            }
+            all
+        }
+        let names = words(b"ab", 5);
+        for pattern in words(b"ab*", 5) {
+            for name in &names {
+                assert_eq!(
+                    glob_match(&pattern, name),
+                    reference(pattern.as_bytes(), name.as_bytes()),
+                    "{pattern:?} against {name:?}"
+                );
+            }
+        }
     }
 }
