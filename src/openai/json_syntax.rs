@@ -250,30 +250,47 @@ enum Container {
 }
 
 /// The open containers, innermost last: one bit each, so a body that is
-/// nothing but `[` needs an eighth of its size, and a shallow one no
-/// allocation beyond its first word.
+/// nothing but `[` needs an eighth of its size, and one up to 64 deep
+/// (every real request) no allocation at all.
 #[derive(Default)]
 struct Nesting {
-    objects: Vec<u64>,
+    /// Depths 0 to 63.
+    first: u64,
+    /// Depths from 64 on, 64 a word.
+    deeper: Vec<u64>,
     depth: usize,
 }
 
 impl Nesting {
-    fn push(&mut self, container: Container) {
-        let (word, bit) = (self.depth / 64, self.depth % 64);
-        if word == self.objects.len() {
-            self.objects.push(0);
+    fn word(&mut self, depth: usize) -> &mut u64 {
+        match (depth / 64).checked_sub(1) {
+            None => &mut self.first,
+            Some(i) => {
+                if i == self.deeper.len() {
+                    self.deeper.push(0);
+                }
+                &mut self.deeper[i]
+            }
         }
+    }
+
+    fn push(&mut self, container: Container) {
+        let bit = 1 << (self.depth % 64);
+        let word = self.word(self.depth);
         match container {
-            Container::Object => self.objects[word] |= 1 << bit,
-            Container::Array => self.objects[word] &= !(1 << bit),
+            Container::Object => *word |= bit,
+            Container::Array => *word &= !bit,
         }
         self.depth += 1;
     }
 
     fn innermost(&self) -> Option<Container> {
         let top = self.depth.checked_sub(1)?;
-        Some(if self.objects[top / 64] >> (top % 64) & 1 == 1 {
+        let word = match (top / 64).checked_sub(1) {
+            None => self.first,
+            Some(i) => self.deeper[i],
+        };
+        Some(if word >> (top % 64) & 1 == 1 {
             Container::Object
         } else {
             Container::Array
@@ -370,5 +387,40 @@ mod tests {
         closed.splice(depth * 6..depth * 6, *b"1");
         assert_eq!(value_end(&closed, 0), Ok(closed.len()));
         assert!(value_end(&closed[..closed.len() - 1], 0).is_err());
+    }
+
+    /// Around each word of the nesting record (64 levels), a closer must
+    /// still match its opener: every level is checked, not just the first
+    /// word's.
+    #[test]
+    fn closers_match_openers_across_words() {
+        for depth in [1, 63, 64, 65, 127, 128, 129, 200] {
+            // Level i is an object when i is odd: `[{"a":[{"a":...`.
+            let open: String = (0..depth)
+                .map(|i| if i % 2 == 1 { "{\"a\":" } else { "[" })
+                .collect();
+            let close = |wrong_at: Option<usize>| -> String {
+                (0..depth)
+                    .rev()
+                    .map(|i| match (i % 2 == 1) != (Some(i) == wrong_at) {
+                        true => "}",
+                        false => "]",
+                    })
+                    .collect()
+            };
+            let text = format!("{open}1{}", close(None));
+            assert_eq!(
+                value_end(text.as_bytes(), 0),
+                Ok(text.len()),
+                "depth {depth}"
+            );
+            for wrong in [0, depth / 2, depth - 1] {
+                let text = format!("{open}1{}", close(Some(wrong)));
+                assert!(
+                    value_end(text.as_bytes(), 0).is_err(),
+                    "depth {depth}, wrong closer at level {wrong}"
+                );
+            }
+        }
     }
 }
