@@ -81,6 +81,15 @@ pub struct LogFlush {
 
 /// A queue written to `out` by a thread named `log-writer`.
 pub fn start<W: Write + Send + 'static>(out: W) -> io::Result<(LogQueue, LogFlush)> {
+    start_gathering(out, TICK)
+}
+
+/// [`start`], with lines gathering for `tick` (tests lengthen it, to see
+/// what else ends a gathering).
+fn start_gathering<W: Write + Send + 'static>(
+    out: W,
+    tick: Duration,
+) -> io::Result<(LogQueue, LogFlush)> {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
             bytes: Vec::with_capacity(64 * 1024),
@@ -96,7 +105,7 @@ pub fn start<W: Write + Send + 'static>(out: W) -> io::Result<(LogQueue, LogFlus
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || write_out(&shared, out))?
+            .spawn(move || write_out(&shared, out, tick))?
     };
     Ok((
         LogQueue {
@@ -110,7 +119,7 @@ pub fn start<W: Write + Send + 'static>(out: W) -> io::Result<(LogQueue, LogFlus
 }
 
 /// The thread: park, gather for a tick, swap the queue out, write it.
-fn write_out<W: Write>(shared: &Shared, mut out: W) {
+fn write_out<W: Write>(shared: &Shared, mut out: W, tick: Duration) {
     // Two buffers swapped in turn, so the queue keeps its capacity and a
     // steady load allocates nothing.
     let mut batch = Vec::with_capacity(64 * 1024);
@@ -129,7 +138,7 @@ fn write_out<W: Write>(shared: &Shared, mut out: W) {
         queue.writer = Writer::Gathering;
         queue = shared
             .wake
-            .wait_timeout_while(queue, TICK, |q| !q.closed && q.bytes.len() < EARLY_WRITE)
+            .wait_timeout_while(queue, tick, |q| !q.closed && q.bytes.len() < EARLY_WRITE)
             .unwrap_or_else(|e| e.into_inner())
             .0;
         std::mem::swap(&mut batch, &mut queue.bytes);
@@ -284,6 +293,43 @@ mod tests {
         (&queue).write_all(b"three\n").unwrap();
         wait_for(&out, "three\n");
         assert_eq!(out.text(), "one\ntwo\nthree\n");
+    }
+
+    /// A gathering that reaches [`EARLY_WRITE`] is written before its tick
+    /// ends: with a tick of an hour, the only way out before the close.
+    #[test]
+    fn a_full_batch_is_written_before_its_tick() {
+        let out = Captured::default();
+        let (queue, _flush) = start_gathering(out.clone(), Duration::from_secs(3600)).unwrap();
+        let line = format!("{}\n", "x".repeat(1023));
+        let lines = EARLY_WRITE / line.len();
+        // The first line wakes the thread, which then gathers for the hour.
+        (&queue).write_all(line.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue.shared.lock().writer != Writer::Gathering {
+            assert!(
+                Instant::now() < deadline,
+                "the thread never began gathering"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 1..lines - 1 {
+            (&queue).write_all(line.as_bytes()).unwrap();
+        }
+        // One line short of the mark: still gathering, nothing written.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(out.text().len(), 0, "written before the batch was full");
+        // The line that reaches the mark wakes the thread.
+        (&queue).write_all(line.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.text().len() < EARLY_WRITE {
+            assert!(
+                Instant::now() < deadline,
+                "a full batch waited for its tick"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(out.text(), line.repeat(lines));
     }
 
     #[test]
