@@ -13,10 +13,15 @@
 //!
 //! The generated `ExternalProcessorServer` hard-codes the default codec, so
 //! this endpoint does its one job (route the `Process` method to the
-//! service through this codec) and nothing else.
+//! service through this codec) and nothing else. [`ProcessFirstLayer`]
+//! puts it in front of tonic's router, so that Envoy's streams skip the
+//! router's per-stream work (`bench/RESULTS.md` entry 70).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use tower_layer::Layer;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
@@ -85,6 +90,66 @@ where
             let mut grpc = Grpc::new(SmallBufferCodec).apply_max_message_size_config(limit, limit);
             Ok(grpc.streaming(process, request).await)
         })
+    }
+}
+
+/// Puts [`ExtProcEndpoint`] in front of tonic's router: Envoy's `Process`
+/// streams (one per request) go straight to it; anything else (health,
+/// xDS) goes through the router as before. The router is axum's: per
+/// stream it matches the path, records URL parameters, and wraps the
+/// request and response bodies in boxed adapters that every message then
+/// passes through, none of which a single-method endpoint needs.
+#[derive(Clone)]
+pub struct ProcessFirstLayer(ExtProcEndpoint);
+
+impl ProcessFirstLayer {
+    pub fn new(endpoint: ExtProcEndpoint) -> Self {
+        Self(endpoint)
+    }
+}
+
+impl<S> Layer<S> for ProcessFirstLayer {
+    type Service = ProcessFirst<S>;
+
+    fn layer(&self, router: S) -> Self::Service {
+        ProcessFirst {
+            endpoint: self.0.clone(),
+            router,
+        }
+    }
+}
+
+/// See [`ProcessFirstLayer`].
+#[derive(Clone)]
+pub struct ProcessFirst<S> {
+    endpoint: ExtProcEndpoint,
+    router: S,
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for ProcessFirst<S>
+where
+    S: Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+    >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Either<BoxFuture<Self::Response, Self::Error>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The endpoint is always ready; the router's readiness is its own
+        // (axum's is always ready too, and reserves nothing).
+        self.router.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() == PROCESS_PATH {
+            Either::Left(self.endpoint.call(request))
+        } else {
+            Either::Right(self.router.call(request))
+        }
     }
 }
 
@@ -201,5 +266,81 @@ mod tests {
             "the check cannot tell a copy apart"
         );
         drop(stream);
+    }
+
+    /// Only `Process` skips the router: the endpoint answers it (here with
+    /// its refusal of a stream without the shared secret), and every other
+    /// path, the endpoint's other methods included, is the router's.
+    #[tokio::test]
+    async fn only_process_streams_skip_the_router() {
+        use std::path::Path;
+        use std::sync::Arc;
+
+        use tonic::codegen::http;
+        use tower::{Layer, ServiceExt};
+
+        use super::{ExtProcEndpoint, ProcessFirstLayer, PROCESS_PATH};
+        use crate::client_keys::ClientKeys;
+        use crate::config::Config;
+        use crate::extproc::stream_auth::StreamAuth;
+        use crate::extproc::ExtProcService;
+        use crate::metrics::Metrics;
+        use crate::provider_keys::ProviderKeys;
+        use crate::spend::Spend;
+        use crate::state::{GatewayState, Snapshot};
+
+        let config = Config::from_text(
+            "backends:\n  - {name: a, url: 'http://127.0.0.1:1', api_key_file: k}\nmodels:\n  - {name: m, backend: a}\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let spend = Spend::new(&config.spend, Arc::clone(&metrics)).unwrap();
+        let state = Arc::new(GatewayState::new(
+            Snapshot::new(config),
+            Arc::new(ProviderKeys::from_keys([("a", "sk-a")])),
+            metrics,
+            Arc::new(ClientKeys::default()),
+            spend,
+        ));
+        let service = ExtProcService::new(state, StreamAuth::shared_secret("s3cret"));
+        let router = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            let mut answer = http::Response::new(tonic::body::Body::empty());
+            answer
+                .headers_mut()
+                .insert("x-router", "1".parse().unwrap());
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        let served = ProcessFirstLayer::new(ExtProcEndpoint::new(service, 1 << 20)).layer(router);
+        for (path, by_router) in [
+            (PROCESS_PATH, false),
+            ("/envoy.service.ext_proc.v3.ExternalProcessor/Other", true),
+            ("/grpc.health.v1.Health/Check", true),
+            (
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+                true,
+            ),
+        ] {
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(path)
+                .header("content-type", "application/grpc")
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            let answer = served.clone().oneshot(request).await.unwrap();
+            assert_eq!(
+                answer.headers().contains_key("x-router"),
+                by_router,
+                "{path}"
+            );
+            if !by_router {
+                // The endpoint's own check ran: no secret, no stream.
+                assert_eq!(
+                    answer.headers().get("grpc-status").map(|v| v.as_bytes()),
+                    Some(b"16".as_slice()),
+                    "{path}"
+                );
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::Request;
 
-use super::grpc::ExtProcEndpoint;
+use super::grpc::{ExtProcEndpoint, ProcessFirstLayer};
 use super::ExtProcService;
 use crate::config::{ExtprocConfig, ExtprocTls, ListenAddr};
 use crate::regular_file::{self, ReadError};
@@ -156,6 +156,7 @@ impl ExtProcListener {
             builder = builder.tls_config(tls)?;
         }
         let server = builder
+            .layer(ProcessFirstLayer::new(grpc.clone()))
             .add_service(health_service)
             .add_service(grpc)
             .add_service(xds);
