@@ -102,3 +102,19 @@ impl GatewayState {
             .collect()
     }
 }
+
+/// A gateway's state from a config's text and its backends' keys, for the
+/// tests of the parts that serve requests.
+#[cfg(test)]
+pub fn for_tests(config: &str, keys: &[(&str, &str)]) -> Arc<GatewayState> {
+    let config = Config::from_text(config, std::path::Path::new("t.yaml")).unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let spend = Spend::new(&config.spend, Arc::clone(&metrics)).unwrap();
+    Arc::new(GatewayState::new(
+        Snapshot::new(config),
+        Arc::new(ProviderKeys::from_keys(keys.iter().copied())),
+        metrics,
+        Arc::new(ClientKeys::default()),
+        spend,
+    ))
+}

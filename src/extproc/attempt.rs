@@ -192,7 +192,6 @@ impl Drop for AttemptExchange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     use bytes::Bytes;
 
@@ -202,31 +201,12 @@ mod tests {
     use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
-    use crate::client_keys::ClientKeys;
-    use crate::config::Config;
     use crate::decision::Target;
-    use crate::metrics::Metrics;
-    use crate::provider_keys::ProviderKeys;
-    use crate::spend::Spend;
-    use crate::state::Snapshot;
 
     const CONFIG: &str = "backends:\n  - {name: a, url: 'http://127.0.0.1:1', api_key_file: k}\n  - {name: b, url: 'http://127.0.0.1:2/openai', api_key_file: k}\n  - {name: c, url: 'http://127.0.0.1:3', api_key_file: k}\nmodels:\n  - {name: m, backend: a, fallbacks: [{backend: b, upstream_model: m-b}]}\n";
 
     fn state() -> Arc<GatewayState> {
-        let config = Config::from_text(CONFIG, Path::new("t.yaml")).unwrap();
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let spend = Spend::new(&config.spend, Arc::clone(&metrics)).unwrap();
-        Arc::new(GatewayState::new(
-            Snapshot::new(config),
-            Arc::new(ProviderKeys::from_keys([
-                ("a", "sk-a"),
-                ("b", "sk-b"),
-                ("c", "sk-c"),
-            ])),
-            metrics,
-            Arc::new(ClientKeys::default()),
-            spend,
-        ))
+        crate::state::for_tests(CONFIG, &[("a", "sk-a"), ("b", "sk-b"), ("c", "sk-c")])
     }
 
     /// Registers a request for model `m` with `body`, as the router pass does.

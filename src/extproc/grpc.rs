@@ -273,36 +273,17 @@ mod tests {
     /// path, the endpoint's other methods included, is the router's.
     #[tokio::test]
     async fn only_process_streams_skip_the_router() {
-        use std::path::Path;
-        use std::sync::Arc;
-
         use tonic::codegen::http;
         use tower::{Layer, ServiceExt};
 
         use super::{ExtProcEndpoint, ProcessFirstLayer, PROCESS_PATH};
-        use crate::client_keys::ClientKeys;
-        use crate::config::Config;
         use crate::extproc::stream_auth::StreamAuth;
         use crate::extproc::ExtProcService;
-        use crate::metrics::Metrics;
-        use crate::provider_keys::ProviderKeys;
-        use crate::spend::Spend;
-        use crate::state::{GatewayState, Snapshot};
 
-        let config = Config::from_text(
+        let state = crate::state::for_tests(
             "backends:\n  - {name: a, url: 'http://127.0.0.1:1', api_key_file: k}\nmodels:\n  - {name: m, backend: a}\n",
-            Path::new("t.yaml"),
-        )
-        .unwrap();
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let spend = Spend::new(&config.spend, Arc::clone(&metrics)).unwrap();
-        let state = Arc::new(GatewayState::new(
-            Snapshot::new(config),
-            Arc::new(ProviderKeys::from_keys([("a", "sk-a")])),
-            metrics,
-            Arc::new(ClientKeys::default()),
-            spend,
-        ));
+            &[("a", "sk-a")],
+        );
         let service = ExtProcService::new(state, StreamAuth::shared_secret("s3cret"));
         let router = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
             let mut answer = http::Response::new(tonic::body::Body::empty());

@@ -155,6 +155,9 @@ impl ExtProcListener {
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }
+        // `Process` streams are taken before the router (see
+        // `ProcessFirstLayer`); the router keeps the endpoint for its other
+        // methods, which it answers UNIMPLEMENTED in its own words.
         let server = builder
             .layer(ProcessFirstLayer::new(grpc.clone()))
             .add_service(health_service)
